@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv proto lint format test demo clean
+.PHONY: help venv sim-deps proto lint format test demo clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --progress-bar off -e ".[all]"
 	@touch $(STAMP)
 
+sim-deps:  ## the system libraries MuJoCo's offscreen rendering needs (installs them as root)
+	@bash scripts/ensure_render_libs.sh
+
 proto: $(STAMP)  ## regenerate the gRPC stubs from proto/wmpo/v1/*.proto
 	$(BIN)/python scripts/gen_proto.py
 
@@ -36,7 +39,7 @@ lint: $(STAMP)  ## ruff (lint + format check) and mypy
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint  ## lint, then the whole test suite (starts real Redis, Triton and gRPC servers itself)
+test: lint sim-deps  ## lint, then the whole test suite (starts real Redis, Triton and gRPC servers itself)
 	@$(BIN)/python -m wmpo.common.redis_server --check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

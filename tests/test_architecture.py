@@ -14,6 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {
     "common": ROOT / "services/common/wmpo/common",
+    "data": ROOT / "services/common/wmpo/data",
+    "sim": ROOT / "services/common/wmpo/sim",
     "robot": ROOT / "services/policy/wmpo/robot",
     "policy": ROOT / "services/policy/wmpo/policy",
     "worldmodel": ROOT / "services/worldmodel/wmpo/worldmodel",
@@ -22,10 +24,12 @@ PACKAGES = {
 # Which wmpo packages each package may import (wmpo.v1, the generated API, is allowed everywhere).
 ALLOWED = {
     "common": {"common"},
+    "data": {"common", "data"},
+    "sim": {"common", "data", "sim", "robot"},
     "robot": {"common", "robot"},
-    "policy": {"common", "policy", "robot"},
-    "worldmodel": {"common", "worldmodel"},
-    "trainer": {"common", "trainer", "policy", "worldmodel", "robot"},
+    "policy": {"common", "data", "policy", "robot"},
+    "worldmodel": {"common", "data", "worldmodel"},
+    "trainer": {"common", "data", "sim", "trainer", "policy", "worldmodel", "robot"},
 }
 
 

@@ -1,0 +1,107 @@
+"""Real evaluation: success rate with a 95% Wilson interval and mean episode length, plus GIF videos."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wmpo.common.tensors import Array
+from wmpo.sim.rollout import EpisodeResult, run_many
+from wmpo.sim.sources import SourceSpec
+from wmpo.sim.tasks import EVAL_SEED_OFFSET, TaskSpec
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% by default); (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
+
+
+@dataclass
+class EvalReport:
+    """What `wmpo eval` reports."""
+
+    task: str
+    policy: str
+    episodes: int
+    successes: int
+    success_rate: float
+    ci95_low: float
+    ci95_high: float
+    mean_length: float
+    seeds: list[int]
+    per_episode: list[dict[str, Any]] = field(default_factory=list)
+    videos: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate(
+    task: TaskSpec,
+    spec: SourceSpec,
+    episodes: int,
+    *,
+    seed: int = EVAL_SEED_OFFSET,
+    workers: int = 1,
+    image_size: int = 64,
+    camera: str = "corner",
+    video_dir: Path | None = None,
+    videos: int = 3,
+    render: bool = True,
+    on_episode: Callable[[EpisodeResult], object] | None = None,
+) -> EvalReport:
+    """Roll the policy out for `episodes` episodes with seeds ``seed, seed+1, ...`` and summarise."""
+    seeds = list(range(seed, seed + episodes))
+    keep = seeds[:videos] if video_dir is not None else []
+    results: list[EpisodeResult] = []
+    for result in run_many(task, spec, seeds, workers=workers, image_size=image_size, camera=camera,
+                           render=render or bool(keep), keep_frames_for=keep):  # fmt: skip
+        results.append(result)
+        if on_episode is not None:
+            on_episode(result)
+    results.sort(key=lambda r: r.seed)
+    successes = sum(r.success for r in results)
+    low, high = wilson_interval(successes, len(results))
+    paths = []
+    if video_dir is not None:
+        video_dir.mkdir(parents=True, exist_ok=True)
+        for r in results:
+            if r.frames is not None:
+                path = video_dir / f"{task.name}-seed{r.seed}-{'success' if r.success else 'failure'}.gif"
+                write_gif(r.frames, path)
+                paths.append(str(path))
+    return EvalReport(
+        task=task.name,
+        policy=results[0].source if results else spec.source,
+        episodes=len(results),
+        successes=successes,
+        success_rate=successes / len(results) if results else 0.0,
+        ci95_low=low,
+        ci95_high=high,
+        mean_length=float(np.mean([r.length for r in results])) if results else 0.0,
+        seeds=seeds,
+        per_episode=[{"seed": r.seed, "success": r.success, "length": r.length} for r in results],
+        videos=paths,
+    )
+
+
+def write_gif(frames: Array, path: Path, *, fps: int = 15, scale: int = 4) -> None:
+    """Write uint8 [T, H, W, C] frames as an animated GIF, upscaled `scale` times (nearest neighbour)."""
+    from PIL import Image
+
+    big = np.repeat(np.repeat(frames, scale, axis=1), scale, axis=2)
+    images = [Image.fromarray(f[:, :, 0] if f.shape[-1] == 1 else f) for f in big]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
