@@ -1,6 +1,6 @@
 """Simulator data collection throughput: 1 worker process vs N, side by side on the same seeds.
 
-.venv/bin/python benchmarks/bench_collect.py --task button-press --episodes 12 --workers 2
+.venv/bin/python bench/bench_collect.py --task button-press --episodes 12 --workers 2
 """
 
 from __future__ import annotations
