@@ -11,6 +11,13 @@ a robot's computer without torch::
             robot.apply(action)
 """
 
-from wmpo.robot.client import Actions, PolicyClient, PolicyClientError, make_observation, parse_chunk
+from wmpo.robot.client import (
+    Actions,
+    ActionStream,
+    PolicyClient,
+    PolicyClientError,
+    make_observation,
+    parse_chunk,
+)
 
-__all__ = ["Actions", "PolicyClient", "PolicyClientError", "make_observation", "parse_chunk"]
+__all__ = ["ActionStream", "Actions", "PolicyClient", "PolicyClientError", "make_observation", "parse_chunk"]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import queue
+import random
+import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 import numpy as np
@@ -98,6 +103,8 @@ class PolicyClient:
 
     `address`: ``grpc://host:port`` (plaintext) or ``grpcs://host:port`` (TLS, with the system roots or
     `root_cert`). `token` is sent as ``authorization: Bearer <token>``. `timeout` is the per-call deadline.
+    Calls answered UNAVAILABLE (server restarting, network blip) are retried `retries` times with
+    exponential backoff starting at `backoff_s` (with jitter).
     """
 
     def __init__(
@@ -108,8 +115,11 @@ class PolicyClient:
         root_cert: bytes | Path | None = None,
         timeout: float = 10.0,
         max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
+        retries: int = 3,
+        backoff_s: float = 0.1,
     ) -> None:
         target, tls = parse_address(address)
+        self.retries, self.backoff_s = retries, backoff_s
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -138,14 +148,29 @@ class PolicyClient:
     ) -> Actions:
         """Send one observation; returns the action chunk of the requested (or current) version."""
         request = self.build_request(
-            images, instruction, proprio, version=version, temperature=temperature, seed=seed,
-            return_logprobs=return_logprobs, encoding=encoding, request_id=request_id,
-        )  # fmt: skip
-        try:
-            response = self._stub.Act(request, timeout=self.timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise _client_error(exc) from None
-        return parse_chunk(response)
+            images,
+            instruction,
+            proprio,
+            version=version,
+            temperature=temperature,
+            seed=seed,
+            return_logprobs=return_logprobs,
+            encoding=encoding,
+            request_id=request_id,
+        )
+        return parse_chunk(self._call(self._stub.Act, request))
+
+    def _call(self, method: Any, request: Any) -> Any:
+        """A unary call with the deadline, the token, and retries with backoff on UNAVAILABLE."""
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                error = _client_error(exc)
+                if error.code != grpc.StatusCode.UNAVAILABLE or attempt == self.retries:
+                    raise error from None
+                time.sleep(self.backoff_s * (2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
     @staticmethod
     def build_request(
@@ -188,30 +213,131 @@ class PolicyClient:
 
     def list_versions(self) -> policy_pb2.ListVersionsResponse:
         """The versions the server can serve, with aliases and residency."""
-        try:
-            response: policy_pb2.ListVersionsResponse = self._stub.ListVersions(
-                policy_pb2.ListVersionsRequest(), timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise _client_error(exc) from None
+        response: policy_pb2.ListVersionsResponse = self._call(
+            self._stub.ListVersions, policy_pb2.ListVersionsRequest()
+        )
         return response
 
     def info(self, version: str | int = "") -> policy_pb2.PolicyInfo:
         """What `version` expects (cameras, image size, proprio) and produces (action dims, chunk length)."""
-        try:
-            response: policy_pb2.PolicyInfo = self._stub.GetPolicyInfo(
-                policy_pb2.GetPolicyInfoRequest(version=str(version)),
-                timeout=self.timeout,
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as exc:
-            raise _client_error(exc) from None
+        response: policy_pb2.PolicyInfo = self._call(
+            self._stub.GetPolicyInfo, policy_pb2.GetPolicyInfoRequest(version=str(version))
+        )
         return response
+
+    def action_stream(
+        self,
+        instruction: str,
+        *,
+        version: str | int = "",
+        temperature: float = 0.0,
+        refill_at: int = 2,
+        encoding: ImageEncodingName = "raw",
+    ) -> ActionStream:
+        """An `ActionStream` over one StreamAct call (see there)."""
+        return ActionStream(
+            self, instruction, version=version, temperature=temperature, refill_at=refill_at, encoding=encoding
+        )
 
     def close(self) -> None:
         self._channel.close()
 
     def __enter__(self) -> PolicyClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class ActionStream:
+    """Action chunks over one bidirectional stream, with a queue that is refilled before it runs out.
+
+    Call `next_action(images, proprio)` once per control step with the current observation. When at most
+    `refill_at` actions are left, the next chunk is requested (with that observation) while the robot
+    keeps executing the queued ones, as LeRobot's asynchronous inference does; when the chunk arrives it
+    replaces the queue, minus the actions executed since it was requested. Only an empty queue blocks.
+    """
+
+    def __init__(
+        self, client: PolicyClient, instruction: str, *, version: str | int = "", temperature: float = 0.0,
+        refill_at: int = 2, encoding: ImageEncodingName = "raw",
+    ) -> None:  # fmt: skip
+        self.client, self.instruction = client, instruction
+        self.version, self.temperature, self.refill_at, self.encoding = str(version), temperature, refill_at, encoding
+        self._requests: queue.Queue[policy_pb2.ActRequest | None] = queue.Queue()
+        self._responses: queue.Queue[Actions | PolicyClientError] = queue.Queue()
+        self._actions: deque[Array] = deque()
+        self._in_flight: int | None = None  # step counter when the pending request was sent
+        self._step = 0
+        self.chunks_received = 0
+        self.waits = 0  # times the robot had to wait for actions (queue ran dry)
+        self._reader = threading.Thread(target=self._read, daemon=True, name="wmpo-action-stream")
+        self._reader.start()
+
+    def _iter_requests(self) -> Iterator[policy_pb2.ActRequest]:
+        while (request := self._requests.get()) is not None:
+            yield request
+
+    def _read(self) -> None:
+        try:
+            for result in self.client.stream(self._iter_requests()):
+                self._responses.put(result)
+        except PolicyClientError as exc:
+            self._responses.put(exc)
+
+    def _request(self, images: Mapping[str, npt.ArrayLike], proprio: npt.ArrayLike | None) -> None:
+        self._requests.put(
+            PolicyClient.build_request(
+                images,
+                self.instruction,
+                proprio,
+                version=self.version,
+                temperature=self.temperature,
+                encoding=self.encoding,
+                request_id=str(self._step),
+            )
+        )
+        self._in_flight = self._step
+
+    def _receive(self, block: bool) -> None:
+        try:
+            result = self._responses.get(block=block, timeout=self.client.timeout if block else None)
+        except queue.Empty:
+            if block:
+                raise PolicyClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "no action chunk in time") from None
+            return
+        if isinstance(result, PolicyClientError):
+            self._in_flight = None
+            raise result
+        executed_since = self._step - (self._in_flight or 0)
+        self._actions = deque(result.actions[executed_since:])
+        self._in_flight = None
+        self.chunks_received += 1
+
+    def next_action(self, images: Mapping[str, npt.ArrayLike], proprio: npt.ArrayLike | None = None) -> Array:
+        """The action to execute now (float32 [A])."""
+        if self._in_flight is not None:
+            self._receive(block=False)
+        if not self._actions:
+            if self._in_flight is None:
+                self._request(images, proprio)
+            self.waits += 1
+            while not self._actions:
+                self._receive(block=True)
+                if not self._actions:  # the chunk was used up while in flight: ask again
+                    self._request(images, proprio)
+        elif len(self._actions) <= self.refill_at and self._in_flight is None:
+            self._request(images, proprio)
+        self._step += 1
+        return np.asarray(self._actions.popleft())
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._reader.join(timeout=5)
+
+    def __enter__(self) -> ActionStream:
         return self
 
     def __exit__(
