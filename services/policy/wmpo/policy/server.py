@@ -87,7 +87,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             raise TensorError("sampling.temperature", f"must be finite and >= 0, got {temperature}")
         seed = int(request.sampling.seed) if request.sampling.HasField("seed") else None
         future, item = self.batcher.submit(resident, _Job(observation, temperature, seed))
-        remaining = context.time_remaining()
+        remaining: float | None = context.time_remaining()  # huge (not None) when the client set no deadline
+        if remaining is not None and remaining > 86_400:
+            remaining = None
         try:
             (tokens, actions, logprobs), inference_ms, batch = future.result(timeout=remaining)
         except TimeoutError:

@@ -146,14 +146,14 @@ class VersionManager:
             if current is None:
                 raise NoModelError("no policy version is loaded yet")
             return current
+        if not ref.isdigit() and not ref.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"version must be a number or an alias name, got {ref!r}")
         if self.registry is None:
             if ref == "0":
                 return self.get("")
             raise VersionUnavailableError(
                 f"this server serves the fixed checkpoint {self.checkpoint}; it cannot serve version {ref!r}"
             )
-        if not ref.isdigit() and not ref.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"version must be a number or an alias name, got {ref!r}")
         return self._load(self.registry.resolve(ref))
 
     @property

@@ -1,0 +1,110 @@
+"""The VLA: exact log-probs, seeded sampling, save/load, the action codec, the offline tokenizer, BC."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from policy_fixtures import make_checkpoint, observation
+
+from wmpo.common.errors import UserError
+from wmpo.common.tensors import Array
+from wmpo.policy.actions import ActionCodec
+from wmpo.policy.bundle import PolicyBundle, PolicyInputs
+from wmpo.policy.tokenizer import build_byte_tokenizer, load_tokenizer
+from wmpo.policy.train_bc import BCConfig, train_bc
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> PolicyBundle:
+    path: Path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "policy")
+    return PolicyBundle.load(path)
+
+
+def _inputs(bundle: PolicyBundle, n: int = 3) -> PolicyInputs:
+    obs = [observation(i) for i in range(n)]
+    texts = ["press the button", "open the drawer", "reach the red goal", "push the puck"][:n]
+    return bundle.prepare([o[0] for o in obs], [o[1] for o in obs], texts)
+
+
+def test_sampled_logprobs_equal_a_fresh_forward(bundle: PolicyBundle) -> None:
+    inputs = _inputs(bundle)
+    for temperature in (0.0, 1.0, 1.6):
+        out = bundle.act(inputs, [temperature] * 3, [1, 2, 3])
+        fresh = bundle.logprobs(inputs, torch.from_numpy(out.tokens).long(), temperature).detach().numpy()
+        assert np.abs(fresh - out.logprobs).max() <= 1e-5
+        assert out.tokens.shape == (3, 8, 4) and out.actions.shape == (3, 8, 4)
+        assert (out.logprobs <= 0).all()
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(bundle: PolicyBundle) -> None:
+    inputs = _inputs(bundle)
+    a = bundle.act(inputs, [1.6] * 3, [7, 8, 9])
+    b = bundle.act(inputs, [1.6] * 3, [7, 8, 9])
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    alone = bundle.act(_inputs(bundle, 1), [1.6], [7])  # row 0 without the rest of the batch
+    np.testing.assert_array_equal(alone.tokens[0], a.tokens[0])
+    other = bundle.act(inputs, [1.6] * 3, [70, 80, 90])
+    assert not np.array_equal(other.tokens, a.tokens)
+    greedy = bundle.act(inputs, [0.0] * 3, [None] * 3)
+    np.testing.assert_array_equal(greedy.tokens, bundle.act(inputs, [0.0] * 3, [5, 6, 7]).tokens)
+
+
+def test_save_then_load_gives_identical_outputs(bundle: PolicyBundle, tmp_path: Path) -> None:
+    bundle.save(tmp_path / "copy")
+    again = PolicyBundle.load(tmp_path / "copy")
+    inputs = _inputs(bundle)
+    torch.testing.assert_close(again.logits(again.prepare(*_raw())), bundle.logits(bundle.prepare(*_raw())))
+    assert again.spec() == bundle.spec()
+    with pytest.raises(UserError, match="is not a wmpo policy checkpoint"):
+        PolicyBundle.load(tmp_path)
+    del inputs
+
+
+def _raw() -> tuple[list[dict[str, Array]], list[Array], list[str]]:
+    obs = [observation(i) for i in range(2)]
+    return [o[0] for o in obs], [o[1] for o in obs], ["reach", "push"]
+
+
+def test_action_codec_round_trips_within_half_a_bin(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-0.5, 2.0, (500, 4)).astype(np.float32)
+    codec = ActionCodec.fit(actions, rng.normal(size=(500, 4)))
+    tokens = codec.to_tokens(actions)
+    assert tokens.min() >= 0 and tokens.max() <= 255
+    inside = (actions >= np.asarray(codec.low)) & (actions <= np.asarray(codec.high))
+    bin_width = (np.asarray(codec.high) - np.asarray(codec.low)) / 256
+    error = np.abs(codec.to_actions(tokens) - actions)
+    assert (error[inside] <= np.broadcast_to(bin_width / 2 + 1e-5, error.shape)[inside]).all()
+    codec.save(tmp_path)
+    assert ActionCodec.load(tmp_path) == codec
+
+
+def test_tokenizer_works_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tokenizer = build_byte_tokenizer()
+    tokenizer.save_pretrained(str(tmp_path))
+    loaded = load_tokenizer(tmp_path)
+    ids = loaded("open the drawer, ça va", add_special_tokens=False).input_ids
+    assert ids[:4] == list(b"open") and loaded.decode(ids) == "open the drawer, ça va"
+    assert len(loaded) == 259
+
+
+def test_bc_on_expert_data_lowers_validation_loss_and_resumes(tmp_path: Path) -> None:
+    from wmpo.sim.rollout import run_many
+    from wmpo.sim.sources import SourceSpec
+    from wmpo.sim.tasks import get_task
+
+    data = tmp_path / "data"
+    list(run_many(get_task("reach"), SourceSpec("expert"), range(4), out_dir=data))
+    out = tmp_path / "bc"
+    first = train_bc(data, out, BCConfig(steps=24, eval_every=8, batch_size=16, val_fraction=0.25, warmup_steps=4))
+    losses = [v for _s, v in first.val_losses]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    resumed = train_bc(data, out, BCConfig(steps=32, eval_every=8, batch_size=16, val_fraction=0.25, warmup_steps=4))
+    assert [s for s, _v in resumed.val_losses] == [8, 16, 24, 32]
+    assert PolicyBundle.load(out).info["bc_steps"] == 32
+    log = (out / "training" / "log.jsonl").read_text().splitlines()
+    assert len(log) == 4
