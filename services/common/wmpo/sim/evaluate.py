@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from wmpo.common.tensors import Array
+from wmpo.common.media import write_gif
 from wmpo.sim.rollout import EpisodeResult, run_many
 from wmpo.sim.sources import SourceSpec
 from wmpo.sim.tasks import EVAL_SEED_OFFSET, TaskSpec
@@ -96,12 +96,3 @@ def evaluate(
         per_episode=[{"seed": r.seed, "success": r.success, "length": r.length} for r in results],
         videos=paths,
     )
-
-
-def write_gif(frames: Array, path: Path, *, fps: int = 15, scale: int = 4) -> None:
-    """Write uint8 [T, H, W, C] frames as an animated GIF, upscaled `scale` times (nearest neighbour)."""
-    from PIL import Image
-
-    big = np.repeat(np.repeat(frames, scale, axis=1), scale, axis=2)
-    images = [Image.fromarray(f[:, :, 0] if f.shape[-1] == 1 else f) for f in big]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)

@@ -1,0 +1,53 @@
+"""World-model checkpoint directories: the (EMA) weights and config, plus ``training/`` state for resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from wmpo.common.errors import UserError
+from wmpo.worldmodel.model import WorldModel
+
+MARKER_FILE = "wmpo_worldmodel.json"
+TRAINING_DIR = "training"
+
+
+def save_world_model(model: WorldModel, path: Path, info: dict[str, Any]) -> Path:
+    """Write `model` to `path` atomically, keeping an existing ``training/`` subdirectory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(str(tmp))
+        (tmp / MARKER_FILE).write_text(json.dumps({"format": "wmpo-worldmodel", **info}, indent=2, sort_keys=True))
+        if path.exists():
+            if (path / TRAINING_DIR).is_dir():
+                (path / TRAINING_DIR).rename(tmp / TRAINING_DIR)
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def load_world_model(path: Path | str, device: str = "cpu") -> tuple[WorldModel, dict[str, Any]]:
+    """Load a checkpoint directory (`UserError` in one line when it is not one)."""
+    root = Path(path)
+    marker = root / MARKER_FILE
+    if not marker.is_file():
+        raise UserError(f"{root} is not a wmpo world-model checkpoint (no {MARKER_FILE})")
+    try:
+        model = WorldModel.from_pretrained(str(root), low_cpu_mem_usage=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load world-model checkpoint {root}: {exc}".splitlines()[0]) from None
+    model.to(device).eval()
+    info: dict[str, Any] = json.loads(marker.read_text())
+    return model, info

@@ -1,0 +1,182 @@
+"""Triton serving of the world model (`dream`) and the reward model (`reward`) through PyTriton.
+
+`dream`: context uint8 [K, H, W, C] + actions float32 [F, A] + seed int64 [1] -> frames uint8 [F, H, W, C]
+and model_version int64 [1]. `reward`: clip uint8 [N, H, W, C] -> probability float32 [1]. Both batch
+dynamically (max batch and queue delay configurable). The checkpoint's registry version is the Triton model
+version in the metadata; with a registry, a newly published world-model version is loaded in the
+background and swapped in without restarting Triton (its number is then reported by `model_version`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wmpo.common.logs import get_logger
+from wmpo.common.registry import Registry, VersionNotFoundError
+from wmpo.common.tensors import Array
+from wmpo.common.triton import TritonPorts, start_triton
+from wmpo.worldmodel.checkpoint import load_world_model
+from wmpo.worldmodel.model import WorldModel, to_model_frames, to_uint8_frames
+from wmpo.worldmodel.reward import RewardModel
+
+log = get_logger(__name__)
+DREAM, REWARD = "dream", "reward"
+
+
+@dataclass
+class Loaded:
+    model: WorldModel
+    version: int
+
+
+class DreamModels:
+    """The models Triton serves; `swap` replaces the world model atomically between batches."""
+
+    def __init__(self, world: WorldModel, reward: RewardModel, *, version: int = 1, sampler_steps: int = 3) -> None:
+        self._world = Loaded(world, version)
+        self.reward = reward
+        self.sampler_steps = sampler_steps
+        self._lock = threading.Lock()
+
+    @property
+    def world(self) -> Loaded:
+        return self._world
+
+    def swap(self, world: WorldModel, version: int) -> None:
+        with self._lock:
+            self._world = Loaded(world, version)
+
+    def dream(self, context: Array, actions: Array, seeds: Array) -> tuple[Array, Array]:
+        """Batched: context [B,K,H,W,C] uint8, actions [B,F,A], seeds [B,1] -> frames [B,F,H,W,C], version [B,1]."""
+        loaded = self._world
+        model = loaded.model
+        device = next(model.parameters()).device
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds.reshape(-1)]
+        ctx = to_model_frames(torch.from_numpy(np.ascontiguousarray(context))).to(device)
+        acts = torch.from_numpy(np.ascontiguousarray(actions, dtype=np.float32)).to(device)
+        frames = model.sample(ctx, acts, steps=self.sampler_steps, generator=generators)
+        versions = np.full((len(seeds), 1), loaded.version, np.int64)
+        return to_uint8_frames(frames).cpu().numpy(), versions
+
+    def success(self, clips: Array) -> Array:
+        return self.reward.probability(clips).reshape(-1, 1).astype(np.float32)
+
+
+def bind_models(triton: Any, models: DreamModels, *, max_batch_size: int, max_queue_delay_us: int) -> None:
+    """Bind `dream` and `reward` to a PyTriton server with dynamic batching."""
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+
+    cfg = models.world.model.config
+    batcher = DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us)
+
+    @batch  # type: ignore[untyped-decorator]
+    def dream(context: Array, actions: Array, seed: Array) -> dict[str, Array]:
+        frames, versions = models.dream(context, actions, seed)
+        return {"frames": frames, "model_version": versions}
+
+    @batch  # type: ignore[untyped-decorator]
+    def reward(clip: Array) -> dict[str, Array]:
+        return {"probability": models.success(clip)}
+
+    size, channels = int(cfg.image_size), int(cfg.channels)
+    triton.bind(
+        model_name=DREAM,
+        model_version=models.world.version,
+        infer_func=dream,
+        inputs=[
+            Tensor(name="context", dtype=np.uint8, shape=(int(cfg.context_frames), size, size, channels)),
+            Tensor(name="actions", dtype=np.float32, shape=(int(cfg.future_frames), int(cfg.action_dim))),
+            Tensor(name="seed", dtype=np.int64, shape=(1,)),
+        ],
+        outputs=[
+            Tensor(name="frames", dtype=np.uint8, shape=(int(cfg.future_frames), size, size, channels)),
+            Tensor(name="model_version", dtype=np.int64, shape=(1,)),
+        ],
+        config=ModelConfig(max_batch_size=max_batch_size, batcher=batcher),
+        strict=True,
+    )
+    triton.bind(
+        model_name=REWARD,
+        infer_func=reward,
+        inputs=[Tensor(name="clip", dtype=np.uint8, shape=(models.reward.clip_len, size, size, channels))],
+        outputs=[Tensor(name="probability", dtype=np.float32, shape=(1,))],
+        config=ModelConfig(max_batch_size=max_batch_size, batcher=batcher),
+        strict=True,
+    )
+
+
+class WorldModelWatcher:
+    """Polls the world-model registry and swaps newly published versions into `DreamModels`."""
+
+    def __init__(self, models: DreamModels, registry: Registry, device: str, interval_s: float = 2.0) -> None:
+        self.models, self.registry, self.device, self.interval_s = models, registry, device, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="worldmodel-watch")
+        self.refused: dict[int, str] = {}
+
+    def start(self) -> WorldModelWatcher:
+        self._thread.start()
+        return self
+
+    def refresh(self) -> bool:
+        try:
+            target = self.registry.resolve("latest")
+        except VersionNotFoundError:
+            return False
+        if target == self.models.world.version or target in self.refused:
+            return False
+        try:
+            info = self.registry.verify(target)
+            model, _ = load_world_model(info.path, self.device)
+        except Exception as exc:
+            self.refused[target] = str(exc)
+            log.error("refusing world-model version", version=target, reason=str(exc))
+            return False
+        self.models.swap(model, target)
+        log.info("serving world-model version", version=target)
+        return True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.refresh()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def serve_dream(
+    world: Path | None,
+    reward: Path,
+    ports: TritonPorts,
+    *,
+    registry: str | None = None,
+    device: str = "cpu",
+    sampler_steps: int = 3,
+    max_batch_size: int = 32,
+    max_queue_delay_us: int = 2000,
+    bind_address: str = "0.0.0.0",
+) -> tuple[Any, DreamModels, WorldModelWatcher | None]:
+    """Start Triton with `dream` and `reward`; from a checkpoint, or the registry's latest world model."""
+    watcher_registry = Registry(registry, "worldmodel") if registry else None
+    version = 1
+    if world is None:
+        if watcher_registry is None:
+            raise ValueError("give a world-model checkpoint or a registry")
+        info = watcher_registry.verify("latest")
+        world, version = Path(info.path), info.version
+    model, _ = load_world_model(world, device)
+    models = DreamModels(model, RewardModel.load(reward, device), version=version, sampler_steps=sampler_steps)
+    triton = start_triton(
+        lambda t: bind_models(t, models, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us),
+        ports,
+        bind_address=bind_address,
+    )
+    watcher = WorldModelWatcher(models, watcher_registry, device).start() if watcher_registry else None
+    return triton, models, watcher

@@ -1,0 +1,201 @@
+"""Triton `dream`/`reward` serving and the Imagination gRPC API, with real Triton, Redis and gRPC."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from wmpo.common.grpc_server import GrpcServer
+from wmpo.common.net import free_port
+from wmpo.common.tensors import from_proto, to_proto
+from wmpo.common.triton import TritonPorts
+from wmpo.v1 import imagination_pb2, imagination_pb2_grpc
+from wmpo.worldmodel.checkpoint import save_world_model
+from wmpo.worldmodel.client import DreamClient
+from wmpo.worldmodel.imagination import ImaginationServicer, SessionLimits
+from wmpo.worldmodel.model import make_world_model, to_model_frames, to_uint8_frames
+from wmpo.worldmodel.reward import RewardModel
+from wmpo.worldmodel.serving import DreamModels, serve_dream
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def dream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonPorts, DreamModels, Path]]:
+    root = tmp_path_factory.mktemp("dream")
+    torch.manual_seed(0)
+    save_world_model(make_world_model("tiny", image_size=SIZE), root / "wm", {"steps": 0})
+    RewardModel.create("tiny", SIZE, 8).save(root / "reward")
+    ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
+    triton, models, _watcher = serve_dream(root / "wm", root / "reward", ports, max_batch_size=16,
+                                           max_queue_delay_us=20_000, bind_address="127.0.0.1")  # fmt: skip
+    try:
+        yield ports, models, root
+    finally:
+        triton.stop()
+
+
+def _inputs(seed: int = 0) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (4, SIZE, SIZE, 3), dtype=np.uint8), rng.uniform(-1, 1, (8, 4)).astype(np.float32)
+
+
+@pytest.mark.triton
+def test_dream_over_grpc_matches_in_process(dream: tuple[TritonPorts, DreamModels, Path]) -> None:
+    ports, models, _root = dream
+    client = DreamClient(ports.grpc_url)
+    spec = client.spec()
+    assert (spec.context_frames, spec.future_frames, spec.image_size, spec.action_dim, spec.clip_len) == (
+        4,
+        8,
+        SIZE,
+        4,
+        8,
+    )
+    context, actions = _inputs()
+    frames, version = client.imagine(context, actions, seed=7)
+    assert frames.shape == (8, SIZE, SIZE, 3) and frames.dtype == np.uint8 and version == 1
+    model = models.world.model
+    local = model.sample(to_model_frames(torch.from_numpy(context))[None], torch.from_numpy(actions)[None],
+                         steps=models.sampler_steps, generator=[torch.Generator().manual_seed(7)])  # fmt: skip
+    np.testing.assert_array_equal(to_uint8_frames(local)[0].numpy(), frames)
+    probs = client.success(np.stack([frames, frames]))
+    assert probs.shape == (2,) and ((probs >= 0) & (probs <= 1)).all()
+    client.close()
+
+
+@pytest.mark.triton
+def test_concurrent_requests_are_batched_by_triton(dream: tuple[TritonPorts, DreamModels, Path]) -> None:
+    ports, _models, _root = dream
+    before = _triton_counts(ports)
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            with_client = DreamClient(ports.grpc_url)
+            with_client.imagine(*_inputs(i), seed=i)
+            with_client.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = _triton_counts(ports)
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert not errors and inferences == 12
+    assert executions < inferences, (executions, inferences)  # several requests per model execution
+
+
+def _triton_counts(ports: TritonPorts) -> tuple[int, int]:
+    """(inferences, executions) of `dream` from Triton's Prometheus metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(ports.metrics_url, timeout=5) as response:
+        body = response.read().decode()
+    values = {}
+    for line in body.splitlines():
+        for name in ("nv_inference_count", "nv_inference_exec_count"):
+            if line.startswith(name + "{") and 'model="dream"' in line:
+                values[name] = int(float(line.rsplit(" ", 1)[1]))
+    return values.get("nv_inference_count", 0), values.get("nv_inference_exec_count", 0)
+
+
+@pytest.fixture
+def imagination(
+    dream: tuple[TritonPorts, DreamModels, Path], redis_url: str, grpc_server: Callable[..., GrpcServer]
+) -> Iterator[imagination_pb2_grpc.ImaginationStub]:
+    ports, _models, _root = dream
+    servicer = ImaginationServicer(DreamClient(ports.grpc_url), redis_url, SessionLimits(ttl_s=2, default_horizon=12))
+    server = grpc_server([lambda s: imagination_pb2_grpc.add_ImaginationServicer_to_server(servicer, s)])
+    with grpc.insecure_channel(server.address) as channel:
+        yield imagination_pb2_grpc.ImaginationStub(channel)
+
+
+def _reset(stub: imagination_pb2_grpc.ImaginationStub, frames: int = 1, **kw: Any) -> imagination_pb2.ResetResponse:
+    request = imagination_pb2.ResetRequest(instruction="reach the red goal", **kw)
+    to_proto(_inputs()[0][:frames], out=request.frames)
+    response: imagination_pb2.ResetResponse = stub.Reset(request, timeout=30)
+    return response
+
+
+def _step(
+    stub: imagination_pb2_grpc.ImaginationStub, session: str, actions: Any = None
+) -> imagination_pb2.StepResponse:
+    request = imagination_pb2.StepRequest(session_id=session)
+    to_proto(_inputs()[1] if actions is None else actions, out=request.actions)
+    response: imagination_pb2.StepResponse = stub.Step(request, timeout=30)
+    return response
+
+
+@pytest.mark.triton
+@pytest.mark.redis
+def test_sessions_reset_step_until_the_horizon_and_close(imagination: imagination_pb2_grpc.ImaginationStub) -> None:
+    started = _reset(imagination, frames=2, seed=5, success_threshold=1.0)
+    assert from_proto(started.frame, dtype=np.uint8).shape == (SIZE, SIZE, 3) and started.horizon == 12
+    first = _step(imagination, started.session_id)
+    assert from_proto(first.frames).shape == (8, SIZE, SIZE, 3) and not first.done
+    assert from_proto(first.success_probs).shape == (8,) and first.elapsed_frames == 8
+    second = _step(imagination, started.session_id)
+    assert second.done and second.truncated and not second.success and from_proto(second.frames).shape[0] == 4
+    with pytest.raises(grpc.RpcError) as done:
+        _step(imagination, started.session_id)
+    assert done.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert imagination.Close(imagination_pb2.CloseRequest(session_id=started.session_id)).existed
+    assert not imagination.Close(imagination_pb2.CloseRequest(session_id=started.session_id)).existed
+    with pytest.raises(grpc.RpcError) as closed:
+        _step(imagination, started.session_id)
+    assert closed.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.triton
+@pytest.mark.redis
+def test_success_ends_the_episode_at_the_first_success_frame(imagination: imagination_pb2_grpc.ImaginationStub) -> None:
+    started = _reset(imagination, success_threshold=1e-6)  # any probability counts as success
+    step = _step(imagination, started.session_id)
+    assert step.success and step.done and step.reward == 1.0 and from_proto(step.frames).shape[0] == 1
+
+
+@pytest.mark.triton
+@pytest.mark.redis
+def test_sessions_expire_and_bad_input_is_rejected(imagination: imagination_pb2_grpc.ImaginationStub) -> None:
+    started = _reset(imagination)
+    cases = [
+        (np.zeros((7, 4), np.float32), grpc.StatusCode.INVALID_ARGUMENT, "actions: expected shape (8, 4)"),
+        (np.full((8, 4), 1.5, np.float32), grpc.StatusCode.INVALID_ARGUMENT, "values must lie in [-1, 1]"),
+        (np.full((8, 4), np.nan, np.float32), grpc.StatusCode.INVALID_ARGUMENT, "non-finite"),
+    ]
+    for actions, code, message in cases:
+        with pytest.raises(grpc.RpcError) as info:
+            _step(imagination, started.session_id, actions)
+        assert info.value.code() == code and message in (info.value.details() or "")
+    cases_reset: list[tuple[dict[str, Any], str]] = [
+        ({"success_threshold": 2.0}, "success_threshold"),
+        ({}, "give 1 to 4 frames"),
+    ]
+    for kwargs, message in cases_reset:
+        request = imagination_pb2.ResetRequest(instruction="reach", **kwargs)
+        to_proto(_inputs()[0][:1] if kwargs else np.zeros((5, SIZE, SIZE, 3), np.uint8), out=request.frames)
+        with pytest.raises(grpc.RpcError) as info:
+            imagination.Reset(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (info.value.details() or "")
+    request = imagination_pb2.ResetRequest(instruction="reach", dataset=imagination_pb2.DatasetStart(episode_id="x"))
+    with pytest.raises(grpc.RpcError) as no_data:
+        imagination.Reset(request, timeout=30)
+    assert no_data.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    time.sleep(2.5)  # the TTL is 2 s
+    with pytest.raises(grpc.RpcError) as expired:
+        _step(imagination, started.session_id)
+    assert expired.value.code() == grpc.StatusCode.NOT_FOUND
+    served = imagination.GetWorldModelInfo(imagination_pb2.GetWorldModelInfoRequest())
+    assert (served.frames_per_step, served.context_frames, served.image_height) == (8, 4, SIZE)
