@@ -199,3 +199,55 @@ def test_sessions_expire_and_bad_input_is_rejected(imagination: imagination_pb2_
     assert expired.value.code() == grpc.StatusCode.NOT_FOUND
     served = imagination.GetWorldModelInfo(imagination_pb2.GetWorldModelInfoRequest())
     assert (served.frames_per_step, served.context_frames, served.image_height) == (8, 4, SIZE)
+
+
+@pytest.mark.triton
+def test_a_published_world_model_is_swapped_in_without_restarting_triton(
+    dream: tuple[TritonPorts, DreamModels, Path], tmp_path: Path
+) -> None:
+    from wmpo.common.registry import Registry
+    from wmpo.worldmodel.serving import WorldModelWatcher
+
+    ports, models, root = dream
+    original = models.world
+    registry = Registry(tmp_path / "registry", "worldmodel")
+    registry.publish(root / "wm")
+    torch.manual_seed(1)
+    save_world_model(make_world_model("tiny", image_size=SIZE), tmp_path / "wm2", {"steps": 0})
+    registry.publish(tmp_path / "wm2")
+    watcher = WorldModelWatcher(models, registry, "cpu")
+    try:
+        assert watcher.refresh() and models.world.version == 2
+        client = DreamClient(ports.grpc_url)
+        _frames, version = client.imagine(*_inputs(), seed=7)
+        assert version == 2
+        client.close()
+        broken = registry.publish(tmp_path / "wm2")
+        (Path(broken.path) / "config.json").write_text("{}")
+        assert not watcher.refresh() and 3 in watcher.refused and models.world.version == 2
+    finally:
+        models.swap(original.model, original.version)
+
+
+@pytest.mark.triton
+def test_async_client_for_rollout_workers(dream: tuple[TritonPorts, DreamModels, Path]) -> None:
+    import asyncio
+
+    from wmpo.worldmodel.client import AsyncDreamClient
+
+    ports, _models, _root = dream
+
+    async def run() -> tuple[list[tuple[np.ndarray[Any, Any], int]], Any]:
+        client = AsyncDreamClient(ports.grpc_url)
+        try:
+            spec = await client.spec()
+            results = await asyncio.gather(*(client.imagine(*_inputs(i), seed=i) for i in range(4)))
+            return list(results), spec
+        finally:
+            await client.close()
+
+    results, spec = asyncio.run(run())
+    assert spec.future_frames == 8 and all(frames.shape == (8, SIZE, SIZE, 3) for frames, _v in results)
+    sync = DreamClient(ports.grpc_url)
+    np.testing.assert_array_equal(sync.imagine(*_inputs(2), seed=2)[0], results[2][0])
+    sync.close()
