@@ -9,8 +9,6 @@ and recomputes log-probs of given tokens with gradients for GRPO.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from wmpo.common.errors import UserError
+from wmpo.common.fsutil import atomic_directory
 from wmpo.common.tensors import Array
 from wmpo.policy.actions import ActionCodec
 from wmpo.policy.model import VLAPolicy, sample_tokens, token_logprobs
@@ -99,28 +98,12 @@ class PolicyBundle:
         Subdirectories named in `keep` (training state) are carried over from the checkpoint being replaced.
         """
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with atomic_directory(target, keep=keep) as tmp:
             self.model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
             self.codec.save(tmp)
             marker = {"format": FORMAT, **self.info, **(info or {})}
             (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True))
-            if target.exists():
-                for name in keep:
-                    if (target / name).is_dir():
-                        (target / name).rename(tmp / name)
-                old = target.with_name(f".{target.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                target.rename(old)
-                tmp.rename(target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def prepare(

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from wmpo.common.errors import UserError
+from wmpo.common.fsutil import atomic_directory
 from wmpo.worldmodel.model import WorldModel
 
 MARKER_FILE = "wmpo_worldmodel.json"
@@ -17,24 +16,9 @@ TRAINING_DIR = "training"
 
 def save_world_model(model: WorldModel, path: Path, info: dict[str, Any]) -> Path:
     """Write `model` to `path` atomically, keeping an existing ``training/`` subdirectory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path, keep=(TRAINING_DIR,)) as tmp:
         model.save_pretrained(str(tmp))
         (tmp / MARKER_FILE).write_text(json.dumps({"format": "wmpo-worldmodel", **info}, indent=2, sort_keys=True))
-        if path.exists():
-            if (path / TRAINING_DIR).is_dir():
-                (path / TRAINING_DIR).rename(tmp / TRAINING_DIR)
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 
 from wmpo.common.errors import UserError
+from wmpo.common.fsutil import atomic_directory
 from wmpo.common.tensors import Array
 from wmpo.data.dataset import RewardClips, TrajectoryDataset
 
@@ -84,23 +83,10 @@ class RewardModel:
         return torch.sigmoid(self.logits(torch.from_numpy(np.ascontiguousarray(clips)))).cpu().numpy()
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             self.model.save_pretrained(str(tmp))
             marker = {"format": "wmpo-reward", "threshold": self.threshold, **self.info}
             (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                path.rename(old)
-                tmp.rename(path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                tmp.rename(path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod

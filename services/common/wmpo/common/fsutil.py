@@ -1,0 +1,36 @@
+"""Filesystem helpers: replacing a whole directory atomically."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_directory(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `target` in one rename.
+
+    Subdirectories of the old `target` named in `keep` (e.g. training state) are carried over. On an
+    exception the temporary directory is removed and `target` is left untouched.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            for name in keep:
+                if (target / name).is_dir():
+                    (target / name).rename(tmp / name)
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
