@@ -251,3 +251,31 @@ def test_async_client_for_rollout_workers(dream: tuple[TritonPorts, DreamModels,
     sync = DreamClient(ports.grpc_url)
     np.testing.assert_array_equal(sync.imagine(*_inputs(2), seed=2)[0], results[2][0])
     sync.close()
+
+
+@pytest.mark.triton
+@pytest.mark.redis
+def test_reset_from_a_dataset_start_state(
+    dream: tuple[TritonPorts, DreamModels, Path], redis_url: str, grpc_server: Callable[..., GrpcServer], tmp_path: Path
+) -> None:
+    from wmpo.data import TrajectoryDataset
+    from wmpo.sim.rollout import run_many
+    from wmpo.sim.sources import SourceSpec
+    from wmpo.sim.tasks import get_task
+
+    ports, _models, _root = dream
+    list(run_many(get_task("reach"), SourceSpec("expert"), [3], image_size=SIZE, out_dir=tmp_path / "data"))
+    episode = TrajectoryDataset(tmp_path / "data").episode(0)
+    servicer = ImaginationServicer(DreamClient(ports.grpc_url), redis_url, SessionLimits(), dataset=tmp_path / "data")
+    server = grpc_server([lambda s: imagination_pb2_grpc.add_ImaginationServicer_to_server(servicer, s)])
+    with grpc.insecure_channel(server.address) as channel:
+        stub = imagination_pb2_grpc.ImaginationStub(channel)
+        start = imagination_pb2.DatasetStart(episode_id=episode.episode_id, step=3)
+        reset = stub.Reset(imagination_pb2.ResetRequest(instruction="reach the red goal", dataset=start), timeout=30)
+        np.testing.assert_array_equal(from_proto(reset.frame), episode.frames[3])
+        assert from_proto(_step(stub, reset.session_id).frames).shape == (8, SIZE, SIZE, 3)
+        for bad in (imagination_pb2.DatasetStart(episode_id="nope"),
+                    imagination_pb2.DatasetStart(episode_id=episode.episode_id, step=10_000)):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Reset(imagination_pb2.ResetRequest(instruction="reach", dataset=bad), timeout=30)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND

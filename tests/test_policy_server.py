@@ -291,3 +291,22 @@ def _wait(condition: Callable[[], bool], timeout: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"condition not met in time: {condition.__code__.co_firstlineno}"
         time.sleep(0.05)
+
+
+def test_tls(checkpoint: Path, tmp_path: Path) -> None:
+    """A server with --tls-cert/--tls-key answers a grpcs:// client that trusts its certificate."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    srv = start_server(checkpoint=checkpoint, tls_cert=cert, tls_key=key)
+    try:
+        with PolicyClient(f"grpcs://{srv.address}", root_cert=cert) as client:
+            images, proprio = observation(10)
+            assert client.act(images, "reach", proprio).actions.shape == (8, 4)
+        with PolicyClient(f"grpc://{srv.address}", retries=0, timeout=3) as plaintext, pytest.raises(PolicyClientError):
+            plaintext.act(observation(10)[0], "reach")
+    finally:
+        srv.stop(grace=1)
