@@ -13,6 +13,7 @@ never half-read. Views are plain numpy (no torch), indexed by integers, for any 
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -144,6 +145,17 @@ class TrajectoryDataset:
         frames = self.episode(episode_id).frames
         idx = np.clip(np.arange(step - context + 1, step + 1), 0, None)
         return frames[idx]
+
+
+def split_episodes(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded split of episode positions into (train, validation); no validation when there are fewer than
+    two episodes or `fraction` is 0 (then everything trains)."""
+    ids = list(range(count))
+    if count < 2 or fraction <= 0:
+        return ids, []
+    random.Random(seed).shuffle(ids)
+    n_val = max(1, round(count * fraction))
+    return sorted(ids[n_val:]), sorted(ids[:n_val])
 
 
 def _index(episodes: Iterable[EpisodeInfo], count: Callable[[EpisodeInfo], int]) -> Array:

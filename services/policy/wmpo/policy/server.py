@@ -108,7 +108,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
         return response
 
     # -- RPCs ----------------------------------------------------------------------------------------
-    def Act(self, request: policy_pb2.ActRequest, context: grpc.ServicerContext) -> policy_pb2.ActResponse:
+    def _measured_act(
+        self, request: policy_pb2.ActRequest, context: grpc.ServicerContext, method: str
+    ) -> policy_pb2.ActResponse | tuple[grpc.StatusCode, str]:
+        """`_act` with latency and request metrics; a failure comes back as (status code, message)."""
         start = time.perf_counter()
         try:
             response = self._act(request, context)
@@ -116,28 +119,28 @@ class PolicyServicer(policy_pb2_grpc.PolicyServicer):
             code, message = _status(exc)
             REQUESTS.labels(version=request.version or "current", status=code.name).inc()
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("Act failed")
-            context.abort(code, message)
-        LATENCY.labels(method="Act").observe(time.perf_counter() - start)
+                log.exception(f"{method} failed")
+            return code, message
+        LATENCY.labels(method=method).observe(time.perf_counter() - start)
         REQUESTS.labels(version=str(response.chunk.policy_version), status="OK").inc()
         return response
+
+    def Act(self, request: policy_pb2.ActRequest, context: grpc.ServicerContext) -> policy_pb2.ActResponse:
+        result = self._measured_act(request, context, "Act")
+        if isinstance(result, tuple):
+            context.abort(*result)
+        return result
 
     def StreamAct(
         self, request_iterator: Iterator[policy_pb2.ActRequest], context: grpc.ServicerContext
     ) -> Iterator[policy_pb2.StreamActResponse]:
         for request in request_iterator:
-            start = time.perf_counter()
-            try:
-                response = self._act(request, context)
-            except Exception as exc:
-                code, message = _status(exc)
-                REQUESTS.labels(version=request.version or "current", status=code.name).inc()
-                error = policy_pb2.StreamError(code=code.value[0], message=message)
+            result = self._measured_act(request, context, "StreamAct")
+            if isinstance(result, tuple):
+                error = policy_pb2.StreamError(code=result[0].value[0], message=result[1])
                 yield policy_pb2.StreamActResponse(request_id=request.request_id, error=error)
-                continue
-            LATENCY.labels(method="StreamAct").observe(time.perf_counter() - start)
-            REQUESTS.labels(version=str(response.chunk.policy_version), status="OK").inc()
-            yield policy_pb2.StreamActResponse(request_id=request.request_id, response=response)
+            else:
+                yield policy_pb2.StreamActResponse(request_id=request.request_id, response=result)
 
     def ListVersions(
         self, request: policy_pb2.ListVersionsRequest, context: grpc.ServicerContext

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
-from wmpo.data.dataset import PolicySamples, TrajectoryDataset
+from wmpo.data.dataset import PolicySamples, TrajectoryDataset, split_episodes
 from wmpo.policy.actions import ActionCodec
 from wmpo.policy.bundle import PolicyBundle
 from wmpo.policy.model import VLAPolicy, make_config
@@ -57,15 +56,6 @@ class BCResult:
     checkpoint: Path
 
 
-def _split(dataset: TrajectoryDataset, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    ids = list(range(len(dataset)))
-    if len(ids) < 2 or fraction <= 0:
-        return ids, []
-    random.Random(seed).shuffle(ids)
-    n_val = max(1, round(len(ids) * fraction))
-    return sorted(ids[n_val:]), sorted(ids[:n_val])
-
-
 def _batch(bundle: PolicyBundle, samples: PolicySamples, rows: list[int]) -> tuple[Any, torch.Tensor, torch.Tensor]:
     items = [samples[i] for i in rows]
     inputs = bundle.prepare(
@@ -94,7 +84,7 @@ def train_bc(
     dataset = TrajectoryDataset(data)
     if len(dataset) == 0:
         raise UserError(f"{data} holds no readable episodes; collect some with `wmpo data collect`")
-    train_ids, val_ids = _split(dataset, config.val_fraction, config.seed)
+    train_ids, val_ids = split_episodes(len(dataset), config.val_fraction, config.seed)
     all_samples = dataset.policy_samples(config.chunk_length)
     train_rows = [i for i, (e, _t) in enumerate(all_samples.index) if int(e) in set(train_ids)]
     val_rows = [i for i, (e, _t) in enumerate(all_samples.index) if int(e) in set(val_ids)]

@@ -8,7 +8,6 @@ threshold (0.96 by default) is saved with the checkpoint (``wmpo_reward.json``).
 from __future__ import annotations
 
 import json
-import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from transformers import VideoMAEConfig, VideoMAEForVideoClassification
 from wmpo.common.errors import UserError
 from wmpo.common.fsutil import atomic_directory
 from wmpo.common.tensors import Array
-from wmpo.data.dataset import RewardClips, TrajectoryDataset
+from wmpo.data.dataset import RewardClips, TrajectoryDataset, split_episodes
 
 MARKER_FILE = "wmpo_reward.json"
 PRESETS: dict[str, dict[str, Any]] = {
@@ -109,10 +108,7 @@ def _clips(clips: RewardClips, rows: list[int]) -> tuple[torch.Tensor, torch.Ten
 
 
 def _split(dataset: TrajectoryDataset, clips: RewardClips, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    ids = list(range(len(dataset)))
-    random.Random(seed).shuffle(ids)
-    n_val = max(1, round(len(ids) * fraction)) if len(ids) > 1 and fraction > 0 else 0
-    val_eps = set(ids[:n_val])
+    val_eps = set(split_episodes(len(dataset), fraction, seed)[1])
     train = [i for i, (e, _t) in enumerate(clips.index) if int(e) not in val_eps]
     val = [i for i, (e, _t) in enumerate(clips.index) if int(e) in val_eps]
     return train, val

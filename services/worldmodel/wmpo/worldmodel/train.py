@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 
 from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
-from wmpo.data.dataset import TrajectoryDataset, WorldModelWindows
+from wmpo.data.dataset import TrajectoryDataset, WorldModelWindows, split_episodes
 from wmpo.worldmodel.checkpoint import TRAINING_DIR, load_world_model, save_world_model
 from wmpo.worldmodel.model import WorldModel, make_world_model, to_model_frames
 
@@ -93,10 +92,8 @@ def train_world_model(
     windows = dataset.world_model_windows(config.context_frames, config.future_frames)
     if len(windows) == 0:
         raise UserError(f"{data}: no episode is longer than {config.future_frames} steps")
-    ids = list(range(len(dataset)))
-    random.Random(config.seed).shuffle(ids)
-    n_val = max(1, round(len(ids) * config.val_fraction)) if len(ids) > 1 and config.val_fraction > 0 else 0
-    val_eps = set(ids[:n_val])
+    _train_ids, val_ids = split_episodes(len(dataset), config.val_fraction, config.seed)
+    val_eps = set(val_ids)
     train_rows = [i for i, (e, _t) in enumerate(windows.index) if int(e) not in val_eps]
     val_rows = [i for i, (e, _t) in enumerate(windows.index) if int(e) in val_eps] or train_rows
     val_rows = sorted(np.random.default_rng(config.seed).permutation(val_rows)[: config.val_windows].tolist())
