@@ -94,6 +94,18 @@ def add_config_command(service_app: typer.Typer, settings_cls: type[ServiceSetti
     service_app.command("config")(config)
 
 
+def check_device(device: str) -> None:
+    """Refuse a `--device` this machine cannot run (one line, exit 2): cpu, or cuda[:N] with CUDA present."""
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise UserError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+
+
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 

@@ -19,10 +19,12 @@ half-written episodes, and several writers (processes) can append to one dataset
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,28 +90,22 @@ class EpisodeStore:
 
     def read(self, path: Path) -> Episode:
         """Read and verify a whole episode (checksums, shapes); `CorruptEpisodeError` when it cannot."""
-        try:
-            with h5py.File(path, "r") as f:
-                demo = _demo(f, path)
-                attrs = demo.attrs
-                camera = str(attrs["camera"])
-                episode = Episode(
-                    frames=demo["obs"][f"{camera}_image"][()],
-                    actions=demo["actions"][()],
-                    proprio=demo["obs"]["proprio"][()],
-                    step_success=demo["success"][()].astype(bool),
-                    instruction=str(attrs["instruction"]),
-                    task=str(attrs["task"]),
-                    source=str(attrs["source"]),
-                    seed=int(attrs["seed"]),
-                    camera=camera,
-                    episode_id=str(attrs["episode_id"]),
-                    metadata=json.loads(str(attrs.get("metadata", "{}"))),
-                )
-        except CorruptEpisodeError:
-            raise
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise CorruptEpisodeError(path, _reason(exc)) from None
+        with _reading(path) as demo:
+            attrs = demo.attrs
+            camera = str(attrs["camera"])
+            episode = Episode(
+                frames=demo["obs"][f"{camera}_image"][()],
+                actions=demo["actions"][()],
+                proprio=demo["obs"]["proprio"][()],
+                step_success=demo["success"][()].astype(bool),
+                instruction=str(attrs["instruction"]),
+                task=str(attrs["task"]),
+                source=str(attrs["source"]),
+                seed=int(attrs["seed"]),
+                camera=camera,
+                episode_id=str(attrs["episode_id"]),
+                metadata=json.loads(str(attrs.get("metadata", "{}"))),
+            )
         try:
             episode.validate()
         except ValueError as exc:
@@ -118,34 +114,28 @@ class EpisodeStore:
 
     def info(self, path: Path) -> EpisodeInfo:
         """Metadata and shapes of an episode, without reading its frames."""
-        try:
-            with h5py.File(path, "r") as f:
-                demo = _demo(f, path)
-                attrs = demo.attrs
-                camera = str(attrs["camera"])
-                frames = demo["obs"][f"{camera}_image"]
-                t = int(demo["actions"].shape[0])
-                if frames.shape[0] != t + 1 or demo["success"].shape != (t,):
-                    raise CorruptEpisodeError(path, f"{frames.shape[0]} frames for {t} actions")
-                first = int(attrs["first_success_step"])
-                return EpisodeInfo(
-                    episode_id=str(attrs["episode_id"]),
-                    path=str(path),
-                    task=str(attrs["task"]),
-                    instruction=str(attrs["instruction"]),
-                    source=str(attrs["source"]),
-                    seed=int(attrs["seed"]),
-                    length=t,
-                    success=bool(attrs["success"]),
-                    first_success_step=None if first < 0 else first,
-                    image_shape=tuple(int(d) for d in frames.shape[1:]),  # type: ignore[arg-type]
-                    action_dim=int(demo["actions"].shape[1]),
-                    proprio_dim=int(demo["obs"]["proprio"].shape[1]),
-                )
-        except CorruptEpisodeError:
-            raise
-        except (OSError, KeyError, ValueError, TypeError) as exc:
-            raise CorruptEpisodeError(path, _reason(exc)) from None
+        with _reading(path) as demo:
+            attrs = demo.attrs
+            camera = str(attrs["camera"])
+            frames = demo["obs"][f"{camera}_image"]
+            t = int(demo["actions"].shape[0])
+            if frames.shape[0] != t + 1 or demo["success"].shape != (t,):
+                raise CorruptEpisodeError(path, f"{frames.shape[0]} frames for {t} actions")
+            first = int(attrs["first_success_step"])
+            return EpisodeInfo(
+                episode_id=str(attrs["episode_id"]),
+                path=str(path),
+                task=str(attrs["task"]),
+                instruction=str(attrs["instruction"]),
+                source=str(attrs["source"]),
+                seed=int(attrs["seed"]),
+                length=t,
+                success=bool(attrs["success"]),
+                first_success_step=None if first < 0 else first,
+                image_shape=tuple(int(d) for d in frames.shape[1:]),  # type: ignore[arg-type]
+                action_dim=int(demo["actions"].shape[1]),
+                proprio_dim=int(demo["obs"]["proprio"].shape[1]),
+            )
 
 
 def _write_h5(f: h5py.File, ep: Episode) -> None:
@@ -180,6 +170,18 @@ def _write_h5(f: h5py.File, ep: Episode) -> None:
     dones[-1] = 1
     demo.create_dataset("dones", data=dones, **opts)
     demo.create_dataset("success", data=success, **opts)
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[h5py.Group]:
+    """Open an episode file's demo group; any read failure inside becomes a `CorruptEpisodeError`."""
+    try:
+        with h5py.File(path, "r") as f:
+            yield _demo(f, path)
+    except CorruptEpisodeError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise CorruptEpisodeError(path, _reason(exc)) from None
 
 
 def _demo(f: h5py.File, path: Path) -> h5py.Group:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from wmpo.common.cli import add_config_command
+from wmpo.common.cli import add_config_command, check_device
 from wmpo.common.errors import UserError
 from wmpo.policy.settings import PolicyServiceSettings
 
@@ -36,7 +36,7 @@ def train_bc_command(
 
     from wmpo.policy.train_bc import BCConfig, train_bc
 
-    _check_device(device)
+    check_device(device)
     if not data.is_dir():
         raise UserError(f"{data} is not a dataset folder")
     cfg = BCConfig(
@@ -98,7 +98,7 @@ def serve(
         redis_url=redis,
         metrics_port=metrics_port,
     )
-    _check_device(settings.device)
+    check_device(settings.device)
     if settings.checkpoint is None and settings.registry is None:
         raise UserError("give --checkpoint DIR or --registry URI")
     server = PolicyServer(settings).start()
@@ -169,14 +169,3 @@ def rollback(
 
     target = Registry(registry, "policy", redis_url=redis).rollback(alias)
     typer.echo(f"{alias} -> {target}")
-
-
-def _check_device(device: str) -> None:
-    if device == "cpu":
-        return
-    import torch
-
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    if not device.startswith(("cuda", "mps")):
-        raise UserError(f"--device must be cpu, cuda or cuda:N, got {device!r}")

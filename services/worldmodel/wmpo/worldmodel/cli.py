@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from wmpo.common.cli import add_config_command
+from wmpo.common.cli import add_config_command, check_device
 from wmpo.common.errors import UserError
 from wmpo.worldmodel.settings import WorldModelServiceSettings
 
@@ -21,14 +21,6 @@ reward_app = typer.Typer(
 add_config_command(app, WorldModelServiceSettings)
 
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")]
-
-
-def _check_device(device: str) -> None:
-    if device != "cpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
 
 
 @app.command()
@@ -51,7 +43,7 @@ def train(
 
     from wmpo.worldmodel.train import WMTrainConfig, train_world_model
 
-    _check_device(device)
+    check_device(device)
     if not data.is_dir():
         raise UserError(f"{data} is not a dataset folder")
     cfg = WMTrainConfig(preset=config, steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, device=device,
@@ -90,7 +82,7 @@ def evaluate(
     from wmpo.worldmodel.checkpoint import load_world_model
     from wmpo.worldmodel.fidelity import evaluate_fidelity
 
-    _check_device(device)
+    check_device(device)
     model, _ = load_world_model(checkpoint, device)
     dataset = TrajectoryDataset(data)
     chosen = [dataset.episode(i) for i in range(min(episodes, len(dataset)))]
@@ -123,7 +115,7 @@ def serve(
     from wmpo.worldmodel.serving import serve_dream
 
     settings = WorldModelServiceSettings.load(config_file, checkpoint=checkpoint, reward_checkpoint=reward)
-    _check_device(settings.device)
+    check_device(settings.device)
     if settings.reward_checkpoint is None or (settings.checkpoint is None and registry is None):
         raise UserError("give --reward and one of --checkpoint / --registry")
     ports = TritonPorts(settings.triton_grpc_port, settings.triton_http_port, settings.triton_metrics_port)
@@ -209,7 +201,7 @@ def reward_train(
 
     from wmpo.worldmodel.reward import RewardConfig, train_reward
 
-    _check_device(device)
+    check_device(device)
     bar = tqdm(total=steps, desc="reward", unit="step")
     cfg = RewardConfig(preset=config, steps=steps, clip_len=clip_len, threshold=threshold, device=device)
 
