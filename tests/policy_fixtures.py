@@ -16,14 +16,15 @@ from wmpo.policy.settings import PolicyServiceSettings
 from wmpo.policy.tokenizer import build_byte_tokenizer
 
 
-def make_checkpoint(path: Path, seed: int = 0) -> Path:
+def make_checkpoint(path: Path, seed: int = 0, *, proprio_dim: int = 4, image_size: int | None = None) -> Path:
     """Save a tiny VLA with random weights (different `seed`, different policy)."""
     import torch
 
     torch.manual_seed(seed)
     tokenizer = build_byte_tokenizer()
-    model = VLAPolicy(make_config("tiny", vocab_size=len(tokenizer)))
-    PolicyBundle(model, tokenizer, ActionCodec.identity(4, 4), {"seed": seed}).save(path)
+    config = make_config("tiny", vocab_size=len(tokenizer), proprio_dim=proprio_dim, image_size=image_size)
+    model = VLAPolicy(config)
+    PolicyBundle(model, tokenizer, ActionCodec.identity(4, proprio_dim), {"seed": seed}).save(path)
     return path
 
 

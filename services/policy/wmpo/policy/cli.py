@@ -30,6 +30,9 @@ def train_bc_command(
     eval_every: Annotated[int, typer.Option(min=1, help="Validate and checkpoint every N steps.")] = 100,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
+    proprio: Annotated[
+        bool, typer.Option(help="Feed proprio to the policy (--no-proprio for WMPO: imagination has images only).")
+    ] = True,
 ) -> None:
     """Train the VLA by imitation (behaviour cloning) on a trajectory dataset."""
     from tqdm import tqdm
@@ -40,7 +43,14 @@ def train_bc_command(
     if not data.is_dir():
         raise UserError(f"{data} is not a dataset folder")
     cfg = BCConfig(
-        preset=config, steps=steps, batch_size=batch_size, lr=lr, eval_every=eval_every, device=device, seed=seed
+        preset=config,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        eval_every=eval_every,
+        device=device,
+        seed=seed,
+        use_proprio=proprio,
     )
     bar = tqdm(total=steps, desc="train-bc", unit="step")
     last_val: list[float] = []

@@ -37,7 +37,7 @@ def decode_observation(msg: common_pb2.Observation, spec: dict[str, Any]) -> Dec
             channels=spec["image_channels"],
         )
     dim = spec["proprio_dim"]
-    if dim == 0 and not msg.HasField("proprio"):
+    if dim == 0:  # a policy without proprio ignores what a robot sends anyway
         proprio = np.zeros(0, np.float32)
     else:
         proprio = from_proto(msg.proprio, field="observation.proprio", dtype=np.float32, shape=(dim,))

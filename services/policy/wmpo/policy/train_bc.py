@@ -46,6 +46,7 @@ class BCConfig:
     seed: int = 0
     device: str = "cpu"
     chunk_length: int = 8
+    use_proprio: bool = True  # False: images + instruction only (what WMPO's world model can imagine)
 
 
 @dataclass
@@ -105,7 +106,7 @@ def train_bc(
             config.preset,
             vocab_size=len(tokenizer),
             action_dim=first.actions.shape[1],
-            proprio_dim=first.proprio.shape[1],
+            proprio_dim=first.proprio.shape[1] if config.use_proprio else 0,
             chunk_length=config.chunk_length,
             image_size=first.frames.shape[1],
         )

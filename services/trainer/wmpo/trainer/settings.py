@@ -23,6 +23,12 @@ class TrainerSettings(ServiceSettings):
     dream_address: str = Field(default="127.0.0.1:8001", description="Triton gRPC address (dream, reward).")
     registry_dir: Path = Field(default=Path("wmpo-data/registry"), description="Policy/world-model registry.")
     runs_dir: Path = Field(default=Path("wmpo-data/runs"), description="Run state, logs and metrics.")
+    policy_token_file: Path | None = Field(
+        default=None, description="Bearer token for the policy service (first line of the file)."
+    )
+    queue_name: str = Field(default="episodes", description="Job queue name (Redis keys wmpo:queue:<name>:*).")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Worker/learner Prometheus port (0: off).")
+    episode_timeout_s: float = Field(default=600.0, gt=0, description="Longest one imagined episode may take.")
     worker_concurrency: int = Field(default=16, ge=1, description="Episodes one worker runs at once.")
     queue_max_len: int = Field(default=10_000, ge=1, description="Pending jobs before producers wait.")
     visibility_timeout_s: float = Field(

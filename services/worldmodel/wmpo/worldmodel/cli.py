@@ -103,8 +103,12 @@ def evaluate(
 @app.command()
 def serve(
     checkpoint: Annotated[Path | None, typer.Option(help="World-model checkpoint.")] = None,
-    reward: Annotated[Path | None, typer.Option(help="Reward-model checkpoint.")] = None,
-    registry: Annotated[str | None, typer.Option(help="Serve the registry's latest world model, hot-swapped.")] = None,
+    reward: Annotated[
+        Path | None, typer.Option(help="Reward-model checkpoint (default: the registry's latest reward model).")
+    ] = None,
+    registry: Annotated[
+        str | None, typer.Option(help="Serve the registry's latest world (and reward) model, hot-swapped.")
+    ] = None,
     config_file: Annotated[Path | None, typer.Option("--config", help="YAML settings file.")] = None,
 ) -> None:
     """Run NVIDIA Triton (PyTriton) with the `dream` and `reward` models on the KServe-v2 ports."""
@@ -116,8 +120,8 @@ def serve(
 
     settings = WorldModelServiceSettings.load(config_file, checkpoint=checkpoint, reward_checkpoint=reward)
     check_device(settings.device)
-    if settings.reward_checkpoint is None or (settings.checkpoint is None and registry is None):
-        raise UserError("give --reward and one of --checkpoint / --registry")
+    if registry is None and (settings.checkpoint is None or settings.reward_checkpoint is None):
+        raise UserError("give --checkpoint and --reward, or --registry (for whichever is not given)")
     ports = TritonPorts(settings.triton_grpc_port, settings.triton_http_port, settings.triton_metrics_port)
     triton, _models, watcher = serve_dream(
         settings.checkpoint, settings.reward_checkpoint, ports, registry=registry, device=settings.device,
@@ -184,6 +188,23 @@ def publish(
     load_world_model(checkpoint)
     info = Registry(registry, "worldmodel").publish(checkpoint)
     typer.echo(f"published world-model version {info.version} (sha256 {info.sha256[:12]})")
+
+
+@reward_app.command("publish")
+def reward_publish(
+    checkpoint: Annotated[Path, typer.Argument(help="Reward-model checkpoint to publish.")],
+    registry: Annotated[str, typer.Option(help="Registry root.")],
+) -> None:
+    """Publish a reward-model checkpoint as the next version (a Triton serving from the registry swaps it in)."""
+    from wmpo.common.registry import Registry
+    from wmpo.worldmodel.reward import RewardModel
+
+    try:
+        RewardModel.load(checkpoint)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{checkpoint} is not a reward-model checkpoint: {exc}") from exc
+    info = Registry(registry, "reward").publish(checkpoint)
+    typer.echo(f"published reward-model version {info.version} (sha256 {info.sha256[:12]})")
 
 
 @reward_app.command("train")

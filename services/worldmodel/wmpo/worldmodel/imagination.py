@@ -22,6 +22,7 @@ from wmpo.common.logs import get_logger
 from wmpo.common.tensors import Array, TensorError, from_proto, to_proto
 from wmpo.v1 import common_pb2, imagination_pb2, imagination_pb2_grpc
 from wmpo.worldmodel.client import DreamClient, DreamSpec
+from wmpo.worldmodel.dreaming import cut_chunk, roll_buffers, start_buffers, trailing_clips
 
 log = get_logger(__name__)
 SERVICE_NAME = "wmpo.v1.Imagination"
@@ -112,15 +113,13 @@ class ImaginationServicer(imagination_pb2_grpc.ImaginationServicer):
         except (TensorError, LookupError) as exc:
             code = grpc.StatusCode.NOT_FOUND if isinstance(exc, LookupError) else grpc.StatusCode.INVALID_ARGUMENT
             context.abort(code, str(exc.args[0]) if isinstance(exc, LookupError) else str(exc))
-        k = self.spec.context_frames
-        padded = np.concatenate([np.repeat(frames[:1], k - len(frames), axis=0), frames]) if len(frames) < k else frames
-        history = np.concatenate([np.repeat(padded[:1], max(0, self.spec.clip_len - k), axis=0), padded])
+        padded, history = start_buffers(frames, self.spec.context_frames, self.spec.clip_len)
         session_id = uuid.uuid4().hex
         horizon = int(request.horizon or self.limits.default_horizon)
         seed = int(request.seed) if request.HasField("seed") else int(np.random.default_rng().integers(2**62))
         state = {"instruction": instruction, "horizon": horizon, "elapsed": 0, "seed": seed, "threshold": threshold,
                  "done": 0}  # fmt: skip
-        self._store(session_id, state, padded, history[-self.spec.clip_len :])
+        self._store(session_id, state, padded, history)
         response = imagination_pb2.ResetResponse(
             session_id=session_id, instruction=instruction, horizon=horizon,
             world_model_version=self.spec.version, reward_model_version="1",
@@ -159,35 +158,22 @@ class ImaginationServicer(imagination_pb2_grpc.ImaginationServicer):
         history = np.frombuffer(raw[b"history"], np.uint8).reshape(s.clip_len, h, w, c)
         try:
             frames, _version = self.dream.imagine(ctx, actions, seed=state["seed"] + state["elapsed"])
-            clips = np.stack(
-                [np.concatenate([history, frames[: j + 1]])[-s.clip_len :] for j in range(s.future_frames)]
-            )
-            probs = self.dream.success(clips)
+            probs = self.dream.success(trailing_clips(history, frames, s.clip_len))
         except Exception as exc:
             log.error("world model call failed", error=str(exc))
             context.abort(grpc.StatusCode.UNAVAILABLE, f"the world model is not reachable: {exc}")
-        hits = np.flatnonzero(probs >= state["threshold"])
-        keep = s.future_frames
-        success = bool(hits.size)
-        if success:
-            keep = int(hits[0]) + 1
-        remaining = state["horizon"] - state["elapsed"]
-        truncated = not success and remaining <= s.future_frames
-        keep = min(keep, remaining)
-        frames, probs = frames[:keep], probs[:keep]
-        state["elapsed"] += keep
-        state["done"] = int(success or truncated)
-        new_ctx = np.concatenate([ctx, frames])[-s.context_frames :]
-        new_history = np.concatenate([history, frames])[-s.clip_len :]
-        self._store(request.session_id, state, new_ctx, new_history)
+        outcome = cut_chunk(frames, probs, state["threshold"], state["horizon"] - state["elapsed"])
+        state["elapsed"] += len(outcome.frames)
+        state["done"] = int(outcome.done)
+        self._store(request.session_id, state, *roll_buffers(ctx, history, outcome.frames))
         response = imagination_pb2.StepResponse(
-            reward=1.0 if success else 0.0, done=bool(state["done"]), success=success, truncated=truncated,
-            elapsed_frames=state["elapsed"],
+            reward=1.0 if outcome.success else 0.0, done=outcome.done, success=outcome.success,
+            truncated=outcome.truncated, elapsed_frames=state["elapsed"],
         )  # fmt: skip
-        to_proto(frames, out=response.frames)
-        to_proto(probs.astype(np.float32), out=response.success_probs)
+        to_proto(outcome.frames, out=response.frames)
+        to_proto(outcome.probs.astype(np.float32), out=response.success_probs)
         response.info.CopyFrom(common_pb2.Info())
-        response.info.values.update({"max_success_prob": float(probs.max(initial=0.0))})
+        response.info.values.update({"max_success_prob": float(outcome.probs.max(initial=0.0))})
         return response
 
     def Close(

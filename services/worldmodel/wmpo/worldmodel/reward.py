@@ -43,6 +43,7 @@ class RewardConfig:
     threshold: float = 0.96
     seed: int = 0
     device: str = "cpu"
+    init: str | None = None  # fine-tune this checkpoint (policy-behaviour alignment) instead of a fresh model
 
 
 class RewardModel:
@@ -130,7 +131,12 @@ def train_reward(
     if not positives or not negatives:
         raise UserError(f"{data}: the reward model needs both success and failure frames (collect successful episodes)")
     image_size = int(dataset.episode(0).frames.shape[1])
-    reward = RewardModel.create(config.preset, image_size, config.clip_len, config.threshold)
+    if config.init is not None:
+        reward = RewardModel.load(config.init, config.device)
+        if reward.clip_len != config.clip_len:
+            raise UserError(f"{config.init} scores {reward.clip_len}-frame clips, not {config.clip_len}")
+    else:
+        reward = RewardModel.create(config.preset, image_size, config.clip_len, config.threshold)
     reward.model.to(config.device)  # type: ignore[arg-type]
     optimizer = torch.optim.AdamW(reward.model.parameters(), lr=config.lr)
     rng = np.random.default_rng(config.seed)

@@ -38,9 +38,18 @@ class Loaded:
 class DreamModels:
     """The models Triton serves; `swap` replaces the world model atomically between batches."""
 
-    def __init__(self, world: WorldModel, reward: RewardModel, *, version: int = 1, sampler_steps: int = 3) -> None:
+    def __init__(
+        self,
+        world: WorldModel,
+        reward: RewardModel,
+        *,
+        version: int = 1,
+        reward_version: int = 0,
+        sampler_steps: int = 3,
+    ) -> None:
         self._world = Loaded(world, version)
         self.reward = reward
+        self.reward_version = reward_version
         self.sampler_steps = sampler_steps
         self._lock = threading.Lock()
 
@@ -51,6 +60,12 @@ class DreamModels:
     def swap(self, world: WorldModel, version: int) -> None:
         with self._lock:
             self._world = Loaded(world, version)
+
+    def swap_reward(self, reward: RewardModel, version: int) -> None:
+        """Replace the reward model (a policy-behaviour alignment publishes a fine-tuned one)."""
+        with self._lock:
+            self.reward = reward
+            self.reward_version = version
 
     def dream(self, context: Array, actions: Array, seeds: Array) -> tuple[Array, Array]:
         """Batched: context [B,K,H,W,C] uint8, actions [B,F,A], seeds [B,1] -> frames [B,F,H,W,C], version [B,1]."""
@@ -113,19 +128,39 @@ def bind_models(triton: Any, models: DreamModels, *, max_batch_size: int, max_qu
 
 
 class WorldModelWatcher:
-    """Polls the world-model registry and swaps newly published versions into `DreamModels`."""
+    """Polls the `worldmodel` (and, when given, `reward`) registries and swaps newly published versions in.
 
-    def __init__(self, models: DreamModels, registry: Registry, device: str, interval_s: float = 2.0) -> None:
+    A version that fails its sha256 or does not load is refused (and remembered); the previous one keeps
+    serving.
+    """
+
+    def __init__(
+        self,
+        models: DreamModels,
+        registry: Registry,
+        device: str,
+        interval_s: float = 2.0,
+        reward_registry: Registry | None = None,
+    ) -> None:
         self.models, self.registry, self.device, self.interval_s = models, registry, device, interval_s
+        self.reward_registry = reward_registry
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="worldmodel-watch")
         self.refused: dict[int, str] = {}
+        self.refused_reward: dict[int, str] = {}
 
     def start(self) -> WorldModelWatcher:
         self._thread.start()
         return self
 
     def refresh(self) -> bool:
+        """Swap in new versions; True if anything changed."""
+        changed = self._refresh_world()
+        if self.reward_registry is not None:
+            changed = self._refresh_reward(self.reward_registry) or changed
+        return changed
+
+    def _refresh_world(self) -> bool:
         try:
             target = self.registry.resolve("latest")
         except VersionNotFoundError:
@@ -143,6 +178,24 @@ class WorldModelWatcher:
         log.info("serving world-model version", version=target)
         return True
 
+    def _refresh_reward(self, registry: Registry) -> bool:
+        try:
+            target = registry.resolve("latest")
+        except VersionNotFoundError:
+            return False
+        if target == self.models.reward_version or target in self.refused_reward:
+            return False
+        try:
+            info = registry.verify(target)
+            reward = RewardModel.load(info.path, self.device)
+        except Exception as exc:
+            self.refused_reward[target] = str(exc)
+            log.error("refusing reward-model version", version=target, reason=str(exc))
+            return False
+        self.models.swap_reward(reward, target)
+        log.info("serving reward-model version", version=target)
+        return True
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.refresh()
@@ -153,7 +206,7 @@ class WorldModelWatcher:
 
 def serve_dream(
     world: Path | None,
-    reward: Path,
+    reward: Path | None,
     ports: TritonPorts,
     *,
     registry: str | None = None,
@@ -163,20 +216,39 @@ def serve_dream(
     max_queue_delay_us: int = 2000,
     bind_address: str = "0.0.0.0",
 ) -> tuple[Any, DreamModels, WorldModelWatcher | None]:
-    """Start Triton with `dream` and `reward`; from a checkpoint, or the registry's latest world model."""
-    watcher_registry = Registry(registry, "worldmodel") if registry else None
-    version = 1
+    """Start Triton with `dream` and `reward`.
+
+    Each model comes from its checkpoint when given, else from the registry's ``latest`` version; with a
+    registry, newly published world-model versions are swapped in — and reward-model versions too when the
+    reward model came from the registry.
+    """
+    world_registry = Registry(registry, "worldmodel") if registry else None
+    reward_registry = Registry(registry, "reward") if registry and reward is None else None
+    version, reward_version = 1, 0
     if world is None:
-        if watcher_registry is None:
+        if world_registry is None:
             raise ValueError("give a world-model checkpoint or a registry")
-        info = watcher_registry.verify("latest")
+        info = world_registry.verify("latest")
         world, version = Path(info.path), info.version
+    if reward is None:
+        if reward_registry is None:
+            raise ValueError("give a reward-model checkpoint or a registry")
+        reward_info = reward_registry.verify("latest")
+        reward, reward_version = Path(reward_info.path), reward_info.version
     model, _ = load_world_model(world, device)
-    models = DreamModels(model, RewardModel.load(reward, device), version=version, sampler_steps=sampler_steps)
+    models = DreamModels(
+        model,
+        RewardModel.load(reward, device),
+        version=version,
+        reward_version=reward_version,
+        sampler_steps=sampler_steps,
+    )
     triton = start_triton(
         lambda t: bind_models(t, models, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us),
         ports,
         bind_address=bind_address,
     )
-    watcher = WorldModelWatcher(models, watcher_registry, device).start() if watcher_registry else None
+    watcher = None
+    if world_registry is not None:
+        watcher = WorldModelWatcher(models, world_registry, device, reward_registry=reward_registry).start()
     return triton, models, watcher

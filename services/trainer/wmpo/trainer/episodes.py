@@ -1,0 +1,136 @@
+"""Imagined-episode jobs and their results, as bytes on the job queue.
+
+A message is a small self-describing binary: a 4-byte little-endian header length, a JSON header (plain
+fields plus, for each array, its dtype, shape and byte offset) and the raw little-endian array bytes. No
+pickle: a worker or learner never executes what it reads from Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from wmpo.common.tensors import Array
+
+_LEN = struct.Struct("<I")
+
+
+class MessageError(ValueError):
+    """Bytes that are not a well-formed job or result."""
+
+
+def pack(fields: dict[str, Any], arrays: dict[str, Array]) -> bytes:
+    """Fields (JSON-able) and named arrays -> bytes."""
+    specs, chunks, offset = {}, [], 0
+    for name, array in arrays.items():
+        data = np.ascontiguousarray(array)
+        raw = data.astype(data.dtype.newbyteorder("<"), copy=False).tobytes()
+        specs[name] = {"dtype": data.dtype.str.lstrip("<>|="), "shape": list(data.shape), "offset": offset}
+        chunks.append(raw)
+        offset += len(raw)
+    header = json.dumps({"fields": fields, "arrays": specs}, separators=(",", ":")).encode()
+    return _LEN.pack(len(header)) + header + b"".join(chunks)
+
+
+def unpack(message: bytes) -> tuple[dict[str, Any], dict[str, Array]]:
+    """Bytes -> (fields, arrays); `MessageError` if they are malformed."""
+    try:
+        (size,) = _LEN.unpack_from(message)
+        header = json.loads(message[_LEN.size : _LEN.size + size])
+        body = memoryview(message)[_LEN.size + size :]
+        arrays = {}
+        for name, spec in header["arrays"].items():
+            dtype = np.dtype("<" + spec["dtype"]) if spec["dtype"][0] in "fiuc" else np.dtype(spec["dtype"])
+            count = int(np.prod(spec["shape"], dtype=np.int64))
+            end = spec["offset"] + count * dtype.itemsize
+            if end > len(body):
+                raise MessageError(f"array {name!r} runs past the end of the message")
+            arrays[name] = np.frombuffer(body[spec["offset"] : end], dtype=dtype).reshape(spec["shape"])
+        return dict(header["fields"]), arrays
+    except (struct.error, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, MessageError):
+            raise
+        raise MessageError(f"malformed message: {exc}") from exc
+
+
+@dataclass
+class EpisodeJob:
+    """One imagined episode to roll out: a start state, the pinned policy version, sampling and horizon."""
+
+    job_id: str
+    run_id: str
+    iteration: int
+    group: int  # the start state's group within the iteration
+    index: int  # the episode's index within its group
+    policy_version: int  # pinned: every Act of the episode is answered by this version
+    instruction: str
+    start_frames: Array  # uint8 [K, H, W, C] real frames, the last one is the first observation
+    seed: int
+    horizon: int  # frames
+    temperature: float = 1.6
+    success_threshold: float = 0.96
+    record_frames: bool = False  # return every imagined frame (for videos)
+    source: str = ""  # where the start state came from, e.g. "episode-000012@16"
+
+    def to_bytes(self) -> bytes:
+        fields = {k: v for k, v in asdict(self).items() if k != "start_frames"}
+        return pack(fields, {"start_frames": np.asarray(self.start_frames, np.uint8)})
+
+    @classmethod
+    def from_bytes(cls, message: bytes) -> EpisodeJob:
+        fields, arrays = unpack(message)
+        try:
+            return cls(**fields, start_frames=arrays["start_frames"])
+        except (TypeError, KeyError) as exc:
+            raise MessageError(f"not an episode job: {exc}") from exc
+
+
+@dataclass
+class EpisodeResult:
+    """A finished imagined episode: per chunk the observation the policy saw, its tokens and log-probs."""
+
+    job_id: str
+    group: int
+    index: int
+    policy_version: int
+    world_model_version: int
+    success: bool
+    length: int  # imagined frames
+    observations: Array  # uint8 [n_chunks, H, W, C]: the frame each chunk was sampled from
+    tokens: Array  # int32 [n_chunks, T, A]
+    logprobs: Array  # float32 [n_chunks, T, A], under the sampling temperature
+    success_probs: Array  # float32 [length]
+    frames: Array | None = None  # uint8 [length, H, W, C] when the job asked for them
+    worker: str = ""
+    attempt: int = 1  # the queue delivery that produced it (> 1: the job was retried or reclaimed)
+    seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def reward(self) -> float:
+        return 1.0 if self.success else 0.0
+
+    def to_bytes(self) -> bytes:
+        arrays: dict[str, Array] = {
+            "observations": np.asarray(self.observations, np.uint8),
+            "tokens": np.asarray(self.tokens, np.int32),
+            "logprobs": np.asarray(self.logprobs, np.float32),
+            "success_probs": np.asarray(self.success_probs, np.float32),
+        }
+        if self.frames is not None:
+            arrays["frames"] = np.asarray(self.frames, np.uint8)
+        fields = {k: v for k, v in asdict(self).items() if k not in arrays and k != "frames"}
+        return pack(fields, arrays)
+
+    @classmethod
+    def from_bytes(cls, message: bytes) -> EpisodeResult:
+        fields, arrays = unpack(message)
+        try:
+            merged: dict[str, Any] = {**fields, **arrays}
+            return cls(**merged)
+        except TypeError as exc:
+            raise MessageError(f"not an episode result: {exc}") from exc

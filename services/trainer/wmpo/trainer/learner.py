@@ -1,0 +1,537 @@
+"""The WMPO learner/orchestrator: one process per run (`wmpo train --config RUN.yaml`).
+
+Each iteration it samples start states from the real dataset, enqueues a group of G imagined episodes per
+start state (pinned to the current policy version), gathers the results from the rollout workers, keeps the
+groups whose success rate lies in [keep_low, keep_high], runs the GRPO update and publishes the new version,
+then waits until the policy server serves it. Every `align_every` iterations it re-aligns the world and
+reward models with real rollouts of the current version (`wmpo.trainer.alignment`).
+
+Crash safety: job ids are ``<run>/it<i>/g<g>/e<e>``, so a restarted learner re-enqueues only unfinished
+episodes and reuses finished results (the queue keeps them until the iteration is committed); a version
+published just before a crash is found in the registry by its (run, iteration) metadata and adopted rather
+than trained again. The state that survives is `<run>/state.json` (+ the optimizer state).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from wmpo.common.errors import UserError
+from wmpo.common.logs import get_logger
+from wmpo.common.media import write_gif
+from wmpo.common.metrics import gauge
+from wmpo.common.registry import Registry, VersionNotFoundError
+from wmpo.data.dataset import TrajectoryDataset
+from wmpo.policy.bundle import PolicyBundle
+from wmpo.robot.client import PolicyClient, PolicyClientError
+from wmpo.sim.tasks import get_task
+from wmpo.trainer.episodes import EpisodeJob, EpisodeResult
+from wmpo.trainer.grpo import GRPOConfig, Samples, UpdateStats, group_advantages, grpo_update, keep_group
+from wmpo.trainer.runconfig import RunConfig
+from wmpo.trainer.runs import RunRecord, RunStore
+from wmpo.trainer.settings import TrainerSettings
+from wmpo.trainer.worker_main import make_queue, policy_token
+from wmpo.worldmodel.client import DreamClient, DreamSpec
+
+log = get_logger(__name__)
+RUN_GAUGES = (
+    "imagined_success_rate",
+    "kept_group_fraction",
+    "loss",
+    "clip_fraction",
+    "approx_kl",
+    "entropy",
+    "episodes_per_s",
+    "frames_per_s",
+    "queue_depth",
+    "policy_version",
+)
+_GAUGES = {
+    name: gauge(f"trainer_{name}", f"Last iteration's {name.replace('_', ' ')}.", ["run"]) for name in RUN_GAUGES
+}
+_ITERATION = gauge("trainer_iteration", "Iterations completed by the run.", ["run"])
+
+
+class StopRequested(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """SIGTERM/SIGINT arrived: stop at the next safe point."""
+
+
+@dataclass
+class RunState:
+    """What survives a crash: where the run is (`<run>/state.json`)."""
+
+    iteration: int  # iterations completed
+    policy_version: int  # the version the next iteration rolls out
+    initial_version: int
+    episodes: int = 0  # imagined episodes counted (each once)
+    frames: int = 0
+    alignments: int = 0
+
+    @classmethod
+    def read(cls, path: Path) -> RunState | None:
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+    def write(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+
+def episode_seed(run_seed: int, iteration: int, group: int, index: int) -> int:
+    """A stable, well-spread seed per episode (the same after a restart)."""
+    return int(np.random.SeedSequence([run_seed, iteration, group, index]).generate_state(1, np.uint64)[0]) >> 2
+
+
+class Learner:
+    """Runs one WMPO run to completion (or until stopped), resuming where a previous process left off."""
+
+    def __init__(
+        self,
+        settings: TrainerSettings,
+        config: RunConfig,
+        run_id: str,
+        config_text: str,
+        *,
+        progress: bool = True,
+    ) -> None:
+        self.settings, self.config, self.run_id, self.progress = settings, config, run_id, progress
+        self.store = RunStore(settings.runs_dir)
+        self.run_dir = self.store.ensure(run_id, config_text).path
+        self.task = get_task(config.task)
+        self.queue = make_queue(settings)
+        self.policies = Registry(settings.registry_dir, "policy", settings.redis_url)
+        self.grpo = GRPOConfig(
+            lr=config.lr,
+            clip_low=config.clip_low,
+            clip_high=config.clip_high,
+            epochs=config.epochs,
+            minibatch_size=config.minibatch_size,
+            entropy_coef=config.entropy_coef,
+            grad_clip=config.grad_clip,
+            temperature=config.temperature,
+            keep_low=config.keep_low,
+            keep_high=config.keep_high,
+        )
+        self._stop = False
+
+    @staticmethod
+    def status(settings: TrainerSettings, run_id: str) -> RunRecord:
+        """The run's record as the control plane sees it."""
+        return RunStore(settings.runs_dir).get(run_id)
+
+    # -- setup -----------------------------------------------------------------------------------------
+    def request_stop(self, *_args: Any) -> None:
+        """Stop at the next safe point (between iterations, or while waiting for episodes)."""
+        if not self._stop:
+            log.info("stop requested: finishing at the next safe point", run=self.run_id)
+        self._stop = True
+
+    def _check_stop(self) -> None:
+        if self._stop:
+            raise StopRequested
+
+    def _dataset(self) -> tuple[TrajectoryDataset, list[tuple[str, int]]]:
+        if not self.config.dataset.is_dir():
+            raise UserError(f"run.dataset {self.config.dataset} is not a dataset folder")
+        dataset = TrajectoryDataset(self.config.dataset)
+        if len(dataset) == 0:
+            raise UserError(f"run.dataset {self.config.dataset} holds no readable episodes")
+        return dataset, dataset.start_states()
+
+    def _dream_spec(self) -> DreamSpec:
+        client = DreamClient(self.settings.dream_address, timeout=30)
+        try:
+            return client.spec()
+        except Exception as exc:
+            raise UserError(f"the world model at {self.settings.dream_address} is not reachable: {exc}") from exc
+        finally:
+            client.close()
+
+    def _load_policy(self, version: int) -> PolicyBundle:
+        try:
+            info = self.policies.verify(version)
+        except VersionNotFoundError as exc:
+            raise UserError(str(exc.args[0])) from exc
+        bundle = PolicyBundle.load(info.path, device=self.config.device)
+        if bundle.proprio_dim:
+            raise UserError(
+                f"policy version {version} takes proprio (dim {bundle.proprio_dim}), which the world model does not "
+                "imagine; train the base policy with `wmpo policy train-bc --no-proprio`"
+            )
+        return bundle
+
+    def _state(self) -> RunState:
+        state = RunState.read(self.run_dir / "state.json")
+        if state is None:
+            try:
+                version = self.policies.resolve(self.config.policy)
+            except VersionNotFoundError as exc:
+                raise UserError(f"run.policy: {exc.args[0]}") from exc
+            state = RunState(iteration=0, policy_version=version, initial_version=version)
+            state.write(self.run_dir / "state.json")
+            return state
+        log.info("resuming run", run=self.run_id, iteration=state.iteration, policy_version=state.policy_version)
+        return self._adopt_published(state)
+
+    def _adopt_published(self, state: RunState) -> RunState:
+        """A version this run published for `state.iteration` before a crash is taken, not trained again."""
+        for info in reversed(self.policies.list()):
+            meta = info.metadata
+            if meta.get("run_id") == self.run_id and meta.get("iteration") == str(state.iteration):
+                log.info("adopting the version published before the restart", version=info.version)
+                state.policy_version, state.iteration = info.version, state.iteration + 1
+                state.write(self.run_dir / "state.json")
+                break
+        return state
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def run(self) -> RunState:
+        """Run the remaining iterations; status.json says how it ended (finished, stopped or failed)."""
+        previous = {sig: signal.signal(sig, self.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            state = self._state()
+            self.store.update(
+                self.run_id, status="running", iterations=self.config.iterations, iteration=state.iteration,
+                policy_version=state.policy_version, pid=os.getpid(), error=None,
+            )  # fmt: skip
+            self._loop(state)
+            final = "stopped" if self._stop and state.iteration < self.config.iterations else "finished"
+            self.store.update(self.run_id, status=final, iteration=state.iteration, policy_version=state.policy_version)
+            return state
+        except StopRequested:
+            self.store.update(self.run_id, status="stopped")
+            stopped = RunState.read(self.run_dir / "state.json")
+            assert stopped is not None  # written before the first iteration
+            return stopped
+        except BaseException as exc:
+            self.store.update(self.run_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self, state: RunState) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        dataset, starts = self._dataset()
+        spec = self._dream_spec()
+        bundle = self._load_policy(state.policy_version)
+        if bundle.image_size != spec.image_size:
+            raise UserError(f"the policy sees {bundle.image_size}px images, the world model makes {spec.image_size}px")
+        optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=self.config.lr, weight_decay=0.0)
+        self._load_optimizer(optimizer, state)
+        writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+        client = PolicyClient(self.settings.policy_address, token=policy_token(self.settings), timeout=30)
+        try:
+            while state.iteration < self.config.iterations:
+                self._check_stop()
+                record = self._iteration(state, dataset, starts, spec, bundle, optimizer, client)
+                for key, value in record.items():
+                    if isinstance(value, int | float) and not isinstance(value, bool):
+                        writer.add_scalar(key, value, record["iteration"])
+                writer.flush()
+        finally:
+            writer.close()
+            client.close()
+
+    def _iteration(
+        self,
+        state: RunState,
+        dataset: TrajectoryDataset,
+        starts: list[tuple[str, int]],
+        spec: DreamSpec,
+        bundle: PolicyBundle,
+        optimizer: torch.optim.Optimizer,
+        client: PolicyClient,
+    ) -> dict[str, Any]:
+        it, cfg = state.iteration, self.config
+        began = time.monotonic()
+        jobs = self._jobs(it, state.policy_version, dataset, starts, spec)
+        results = self._gather(it, jobs)
+        rollout_s = time.monotonic() - began
+        groups: dict[int, list[EpisodeResult]] = defaultdict(list)
+        for result in results:
+            groups[result.group].append(result)
+        band = (cfg.keep_low, cfg.keep_high)
+        kept = {g: rs for g, rs in groups.items() if len(rs) >= 2 and keep_group([r.reward for r in rs], *band)}
+        record: dict[str, Any] = {
+            "iteration": it + 1,
+            "policy_version": state.policy_version,
+            "imagined_success_rate": float(np.mean([r.success for r in results])) if results else 0.0,
+            "groups": len(jobs) // cfg.group_size,
+            "kept_groups": len(kept),
+            "kept_group_fraction": len(kept) / max(1, len(jobs) // cfg.group_size),
+            "episodes": len(results),
+            "lost_episodes": len(jobs) - len(results),
+            "mean_length": float(np.mean([r.length for r in results])) if results else 0.0,
+            "frames": int(sum(r.length for r in results)),
+            "rollout_s": rollout_s,
+            "episodes_per_s": len(results) / max(rollout_s, 1e-9),
+            "frames_per_s": sum(r.length for r in results) / max(rollout_s, 1e-9),
+            "world_model_version": max((r.world_model_version for r in results), default=0),
+            "queue_depth": self.queue.export_metrics().depth,
+        }
+        self._save_videos(it, results)
+        update_began = time.monotonic()
+        new_version = state.policy_version
+        if kept:
+            stats = self._update(it, bundle, optimizer, kept)
+            record.update({k: v for k, v in asdict(stats).items()})
+            new_version = self._publish(it, bundle, optimizer, state, record)
+        else:
+            log.warning("no group had a success rate within the band: no update this iteration", iteration=it + 1)
+            record.update({"loss": None, "clip_fraction": None, "approx_kl": None, "entropy": None})
+        record["update_s"] = time.monotonic() - update_began
+        record["new_policy_version"] = new_version
+        state.iteration, state.policy_version = it + 1, new_version
+        state.episodes += len(results)
+        state.frames += record["frames"]
+        state.write(self.run_dir / "state.json")
+        self.queue.forget_results([job.job_id for job in jobs])
+        if new_version != record["policy_version"]:
+            record["swap_s"] = self._wait_policy_swap(client, new_version)
+        if cfg.align_every and state.iteration % cfg.align_every == 0 and state.iteration < cfg.iterations:
+            record.update(self._align(state, spec))
+        if cfg.eval_every and (state.iteration % cfg.eval_every == 0 or state.iteration == cfg.iterations):
+            record.update(self._evaluate(state.policy_version))
+        record["total_episodes"], record["time"] = state.episodes, time.time()
+        self.store.append_metrics(self.run_id, record)
+        self.store.update(self.run_id, iteration=state.iteration, policy_version=state.policy_version)
+        _ITERATION.labels(run=self.run_id).set(state.iteration)
+        for name in RUN_GAUGES:
+            value = record.get(name)
+            if isinstance(value, int | float):
+                _GAUGES[name].labels(run=self.run_id).set(value)
+        log.info(
+            "iteration done",
+            run=self.run_id,
+            **{k: record[k] for k in ("iteration", "imagined_success_rate", "kept_groups", "new_policy_version")},
+        )
+        return record
+
+    # -- pieces ----------------------------------------------------------------------------------------
+    def _jobs(
+        self, it: int, version: int, dataset: TrajectoryDataset, starts: list[tuple[str, int]], spec: DreamSpec
+    ) -> list[EpisodeJob]:
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, it])
+        picks = rng.choice(len(starts), size=cfg.groups_per_iteration, replace=cfg.groups_per_iteration > len(starts))
+        infos = {info.episode_id: info for info in dataset.episodes}
+        horizon = cfg.horizon or self.task.max_steps
+        jobs = []
+        for g, pick in enumerate(picks.tolist()):
+            episode_id, step = starts[pick]
+            frames = dataset.context_frames(episode_id, step, spec.context_frames)
+            for e in range(cfg.group_size):
+                jobs.append(
+                    EpisodeJob(
+                        job_id=f"{self.run_id}/it{it:04d}/g{g:03d}/e{e:02d}",
+                        run_id=self.run_id,
+                        iteration=it,
+                        group=g,
+                        index=e,
+                        policy_version=version,
+                        instruction=infos[episode_id].instruction,
+                        start_frames=frames,
+                        seed=episode_seed(cfg.seed, it, g, e),
+                        horizon=horizon,
+                        temperature=cfg.temperature,
+                        success_threshold=cfg.success_threshold,
+                        record_frames=g * cfg.group_size + e < cfg.videos_per_iteration,
+                        source=f"{episode_id}@{step}",
+                    )
+                )
+        return jobs
+
+    def _gather(self, it: int, jobs: list[EpisodeJob]) -> list[EpisodeResult]:
+        ids = [job.job_id for job in jobs]
+        added = self.queue.enqueue_many([(job.job_id, job.to_bytes()) for job in jobs])
+        if added < len(jobs):
+            log.info("reusing finished episodes", iteration=it + 1, finished=len(jobs) - added)
+        bar = tqdm(total=len(ids), desc=f"iteration {it + 1}: imagined episodes", unit="ep", disable=not self.progress)
+        last, last_change = 0, time.monotonic()
+
+        def progress(done: int) -> None:
+            nonlocal last, last_change
+            if done != last:
+                bar.update(done - last)
+                last, last_change = done, time.monotonic()
+            elif time.monotonic() - last_change > 60:
+                log.warning("no episode finished for a minute: are rollout workers running?", queue=self.queue.name)
+                last_change = time.monotonic()
+
+        try:
+            while True:
+                try:
+                    raw = self.queue.wait_results(ids, timeout=2.0, on_progress=progress)
+                    break
+                except TimeoutError:
+                    self._check_stop()
+        finally:
+            bar.close()
+        results = [EpisodeResult.from_bytes(raw[i]) for i in ids if i in raw]
+        if len(results) < len(ids):
+            log.warning("episodes were dead-lettered", iteration=it + 1, lost=len(ids) - len(results))
+        return results
+
+    def _update(
+        self, it: int, bundle: PolicyBundle, optimizer: torch.optim.Optimizer, kept: dict[int, list[EpisodeResult]]
+    ) -> UpdateStats:
+        observations, tokens, logprobs, advantages, instructions = [], [], [], [], []
+        instruction = self.task.instruction
+        for results in kept.values():
+            adv = group_advantages([r.reward for r in results], self.grpo.advantage_eps)
+            for result, a in zip(results, adv, strict=True):
+                n = len(result.tokens)
+                observations.append(result.observations)
+                tokens.append(result.tokens)
+                logprobs.append(result.logprobs)
+                advantages.append(np.full(n, a, np.float32))
+                instructions.extend([instruction] * n)
+        samples = Samples(
+            np.concatenate(observations),
+            instructions,
+            np.concatenate(tokens),
+            np.concatenate(logprobs),
+            np.concatenate(advantages),
+        )
+        total = self.grpo.epochs * -(-len(samples) // self.grpo.minibatch_size)
+        bar = tqdm(total=total, desc=f"iteration {it + 1}: GRPO update", unit="step", disable=not self.progress)
+
+        def advance(_done: int, _total: int) -> None:
+            bar.update(1)
+
+        try:
+            stats = grpo_update(
+                bundle,
+                optimizer,
+                samples,
+                self.grpo,
+                np.random.default_rng([self.config.seed, it, 1]),
+                on_step=advance,
+            )
+        finally:
+            bar.close()
+        if stats.first_max_abs_log_ratio > 1e-3:
+            log.warning(
+                "rollout and learner log-probs differ at the first minibatch (ratio != 1)",
+                max_abs_log_ratio=stats.first_max_abs_log_ratio,
+            )
+        return stats
+
+    def _publish(
+        self,
+        it: int,
+        bundle: PolicyBundle,
+        optimizer: torch.optim.Optimizer,
+        state: RunState,
+        record: dict[str, Any],
+    ) -> int:
+        checkpoint = self.run_dir / "checkpoint"
+        bundle.save(checkpoint, info={"wmpo_run": self.run_id, "wmpo_iteration": it + 1})
+        self._save_optimizer(optimizer, it)
+        metadata = {
+            "run_id": self.run_id,
+            "iteration": str(it),
+            "parent": str(state.policy_version),
+            "imagined_success_rate": f"{record['imagined_success_rate']:.4f}",
+        }
+        info = self.policies.publish(checkpoint, metadata=metadata)
+        log.info("published policy version", version=info.version, parent=state.policy_version)
+        return info.version
+
+    def _save_optimizer(self, optimizer: torch.optim.Optimizer, it: int) -> None:
+        path = self.run_dir / "optimizer.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save({"iteration": it, "state": optimizer.state_dict()}, tmp)
+        tmp.replace(path)
+
+    def _load_optimizer(self, optimizer: torch.optim.Optimizer, state: RunState) -> None:
+        path = self.run_dir / "optimizer.pt"
+        if state.iteration == 0 or not path.is_file():
+            return
+        saved = torch.load(path, map_location=self.config.device, weights_only=False)
+        if int(saved["iteration"]) == state.iteration - 1:
+            optimizer.load_state_dict(saved["state"])
+        else:
+            log.warning("optimizer state does not match the resumed version; starting it fresh")
+
+    def _wait_policy_swap(self, client: PolicyClient, version: int) -> float:
+        """Block until the policy server's followed version is `version` (it hot-swaps on publish)."""
+        began = time.monotonic()
+        deadline = began + self.config.swap_timeout_s
+        while True:
+            try:
+                listing = client.list_versions()
+                if listing.current_version == version:
+                    return time.monotonic() - began
+                if listing.following not in ("", "latest"):
+                    log.warning("the policy server follows another alias; not waiting", following=listing.following)
+                    return time.monotonic() - began
+            except PolicyClientError as exc:
+                log.warning("policy server not answering", error=str(exc))
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the policy server at {self.settings.policy_address} did not serve version {version} within "
+                    f"{self.config.swap_timeout_s:.0f} s (is it started with the same --registry and --redis?)"
+                )
+            self._check_stop()
+            time.sleep(0.2)
+
+    def _save_videos(self, it: int, results: list[EpisodeResult]) -> None:
+        videos = self.run_dir / "videos"
+        for result in results:
+            if result.frames is not None and len(result.frames):
+                outcome = "success" if result.success else "failure"
+                write_gif(
+                    result.frames, videos / f"it{it + 1:04d}-g{result.group:02d}-e{result.index:02d}-{outcome}.gif"
+                )
+
+    def _align(self, state: RunState, spec: DreamSpec) -> dict[str, Any]:
+        from wmpo.trainer.alignment import align
+
+        out = align(
+            self.settings,
+            self.config,
+            self.run_dir,
+            state.policy_version,
+            state.iteration,
+            spec,
+            progress=self.progress,
+        )
+        state.alignments += 1
+        state.write(self.run_dir / "state.json")
+        return out
+
+    def _evaluate(self, version: int) -> dict[str, Any]:
+        from wmpo.sim.evaluate import evaluate
+        from wmpo.sim.sources import SourceSpec
+
+        source = SourceSpec(self.settings.policy_address, version=str(version), token=policy_token(self.settings))
+        report = evaluate(self.task, source, self.config.eval_episodes, workers=self.config.sim_workers)
+        return {
+            "real_success_rate": report.success_rate,
+            "real_ci95_low": report.ci95_low,
+            "real_ci95_high": report.ci95_high,
+            "real_episodes": report.episodes,
+        }
+
+
+def load_run(config_file: Path, run_id: str | None = None) -> tuple[TrainerSettings, RunConfig, str, str]:
+    """(trainer settings, run config, run id, config text) from RUN.yaml; the run id defaults to its stem."""
+    if not config_file.is_file():
+        raise UserError(f"run config {config_file} does not exist")
+    settings = TrainerSettings.load(config_file)
+    config = RunConfig.load(config_file)
+    return settings, config, run_id or config_file.stem, config_file.read_text()

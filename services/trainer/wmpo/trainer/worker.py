@@ -1,0 +1,273 @@
+"""Rollout workers: imagined episodes from the job queue, policy ↔ world model, results back to Redis.
+
+One worker process runs up to `concurrency` episodes at once on one asyncio loop, so its concurrent `Act`
+calls are micro-batched by the policy server and its `dream`/`reward` calls by Triton's dynamic batcher.
+Each episode pins the policy version its job names. Held jobs get a heartbeat (so a live, slow episode is
+never reclaimed); a worker that dies stops heart-beating and its jobs are reclaimed by others after the
+visibility timeout. A failing episode is reported to the queue (retried, then dead-lettered with the error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from wmpo.common.logs import get_logger
+from wmpo.common.metrics import counter, gauge, histogram
+from wmpo.common.tensors import Array
+from wmpo.robot.client import make_observation, parse_address, parse_chunk
+from wmpo.trainer.episodes import EpisodeJob, EpisodeResult
+from wmpo.trainer.queue import Job, JobQueue
+from wmpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from wmpo.worldmodel.client import AsyncDreamClient, DreamSpec
+from wmpo.worldmodel.dreaming import cut_chunk, roll_buffers, start_buffers, trailing_clips
+
+log = get_logger(__name__)
+
+EPISODES = counter("worker_episodes_total", "Imagined episodes finished by this worker.", ["outcome"])
+FRAMES = counter("worker_frames_total", "Frames imagined by this worker.")
+ACTIVE = gauge("worker_active_episodes", "Episodes this worker is running now.")
+EPISODE_SECONDS = histogram("worker_episode_seconds", "Wall time of one imagined episode.")
+SEED_STRIDE = 100_003  # seeds of consecutive chunks of one episode; a prime so episodes do not collide
+
+
+class EpisodeError(RuntimeError):
+    """An episode that cannot be rolled out as asked (its job goes back to the queue with this message)."""
+
+
+@dataclass
+class WorkerStats:
+    completed: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    frames: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class PolicyCaller:
+    """Async `Act` calls to the policy server with a pinned version, temperature, seed and log-probs."""
+
+    def __init__(self, address: str, token: str | None = None, timeout: float = 60.0, retries: int = 5) -> None:
+        target, tls = parse_address(address)
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+        self.channel = (
+            grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options)
+            if tls
+            else grpc.aio.insecure_channel(target, options)
+        )
+        self.stub = policy_pb2_grpc.PolicyStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.timeout, self.retries = timeout, retries
+
+    async def act(
+        self, frame: Array, camera: str, instruction: str, version: int, temperature: float, seed: int
+    ) -> tuple[Array, Array, Array]:
+        """-> (actions [T, A], tokens [T, A], log-probs [T, A])."""
+        request = policy_pb2.ActRequest(
+            observation=make_observation({camera: frame}, instruction),
+            version=str(version),
+            sampling=common_pb2.SamplingParams(temperature=temperature, seed=seed),
+            return_logprobs=True,
+        )
+        for attempt in range(self.retries + 1):
+            try:
+                response = await self.stub.Act(request, timeout=self.timeout, metadata=self.metadata)
+                break
+            except grpc.aio.AioRpcError as exc:
+                retryable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                if not retryable or attempt == self.retries:
+                    raise EpisodeError(f"policy Act failed: {exc.code().name}: {exc.details()}") from exc
+                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+        chunk = parse_chunk(response)
+        if chunk.logprobs is None:
+            raise EpisodeError("the policy server returned no log-probs")
+        if chunk.policy_version != version:
+            raise EpisodeError(f"asked for policy version {version}, answered by {chunk.policy_version}")
+        return chunk.actions, chunk.token_ids, chunk.logprobs
+
+    async def info(self, version: int | str = "") -> policy_pb2.PolicyInfo:
+        request = policy_pb2.GetPolicyInfoRequest(version=str(version))
+        response: policy_pb2.PolicyInfo = await self.stub.GetPolicyInfo(
+            request, timeout=self.timeout, metadata=self.metadata
+        )
+        return response
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+async def imagine_episode(
+    job: EpisodeJob, policy: PolicyCaller, dream: AsyncDreamClient, spec: DreamSpec, camera: str
+) -> EpisodeResult:
+    """Alternate policy chunks and dreamed frames until the reward model says success or the horizon ends."""
+    if job.horizon <= 0:
+        raise EpisodeError(f"job {job.job_id}: horizon must be positive, got {job.horizon}")
+    frames_in = np.asarray(job.start_frames, np.uint8)
+    if frames_in.ndim != 4 or frames_in.shape[1:] != (spec.image_size, spec.image_size, spec.channels):
+        raise EpisodeError(
+            f"job {job.job_id}: start frames {frames_in.shape} do not match the world model's "
+            f"{spec.image_size}x{spec.image_size}x{spec.channels}"
+        )
+    began = time.monotonic()
+    context, history = start_buffers(frames_in, spec.context_frames, spec.clip_len)
+    observations, tokens, logprobs, probs, kept = [], [], [], [], []
+    elapsed, chunk_index, success, wm_version = 0, 0, False, 0
+    policy_s = dream_s = 0.0
+    while True:
+        t0 = time.monotonic()
+        actions, toks, logps = await policy.act(
+            context[-1],
+            camera,
+            job.instruction,
+            job.policy_version,
+            job.temperature,
+            (job.seed * SEED_STRIDE + chunk_index) % 2**63,
+        )
+        if actions.shape != (spec.future_frames, spec.action_dim):
+            raise EpisodeError(
+                f"the policy's chunk {actions.shape} does not match the world model's "
+                f"({spec.future_frames}, {spec.action_dim})"
+            )
+        t1 = time.monotonic()
+        new_frames, wm_version = await dream.imagine(context, actions, (job.seed * SEED_STRIDE + elapsed) % 2**63)
+        chunk_probs = await dream.success(trailing_clips(history, new_frames, spec.clip_len))
+        dream_s += time.monotonic() - t1
+        policy_s += t1 - t0
+        outcome = cut_chunk(new_frames, chunk_probs, job.success_threshold, job.horizon - elapsed)
+        observations.append(context[-1])
+        tokens.append(toks)
+        logprobs.append(logps)
+        probs.append(outcome.probs)
+        if job.record_frames:
+            kept.append(outcome.frames)
+        elapsed += len(outcome.frames)
+        chunk_index += 1
+        context, history = roll_buffers(context, history, outcome.frames)
+        if outcome.done:
+            success = outcome.success
+            break
+    return EpisodeResult(
+        job_id=job.job_id,
+        group=job.group,
+        index=job.index,
+        policy_version=job.policy_version,
+        world_model_version=wm_version,
+        success=success,
+        length=elapsed,
+        observations=np.stack(observations),
+        tokens=np.stack(tokens).astype(np.int32),
+        logprobs=np.stack(logprobs).astype(np.float32),
+        success_probs=np.concatenate(probs).astype(np.float32),
+        frames=np.concatenate([frames_in[-1:], *kept]) if job.record_frames else None,
+        seconds=time.monotonic() - began,
+        timings={"policy_s": policy_s, "dream_s": dream_s},
+    )
+
+
+class RolloutWorker:
+    """Claims episode jobs and runs up to `concurrency` of them at once."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        policy: PolicyCaller,
+        dream: AsyncDreamClient,
+        *,
+        name: str,
+        concurrency: int = 16,
+        episode_timeout_s: float = 600.0,
+    ) -> None:
+        self.queue, self.policy, self.dream = queue, policy, dream
+        self.name, self.concurrency, self.episode_timeout_s = name, concurrency, episode_timeout_s
+        self.held: dict[str, Job] = {}
+        self.stats = WorkerStats()
+        self._spec: DreamSpec | None = None
+        self._cameras: dict[int, str] = {}
+
+    async def _camera(self, version: int) -> str:
+        """The camera name the pinned policy version expects (one camera: the world model renders one view)."""
+        if version not in self._cameras:
+            info = await self.policy.info(version)
+            spec = info.spec
+            if len(spec.camera_names) != 1:
+                raise EpisodeError(f"policy version {version} expects cameras {list(spec.camera_names)}; needs one")
+            if spec.proprio_dim:
+                raise EpisodeError(
+                    f"policy version {version} needs proprio (dim {spec.proprio_dim}), which the world model does "
+                    "not imagine; train it with `wmpo policy train-bc --no-proprio`"
+                )
+            self._cameras[version] = spec.camera_names[0]
+        return self._cameras[version]
+
+    async def spec(self) -> DreamSpec:
+        if self._spec is None:
+            self._spec = await self.dream.spec()
+        return self._spec
+
+    async def _run_job(self, job: Job) -> None:
+        self.held[job.entry_id] = job
+        ACTIVE.inc()
+        began = time.monotonic()
+        try:
+            episode = EpisodeJob.from_bytes(job.payload)
+            camera = await self._camera(episode.policy_version)
+            result = await asyncio.wait_for(
+                imagine_episode(episode, self.policy, self.dream, await self.spec(), camera), self.episode_timeout_s
+            )
+            result.worker, result.attempt = self.name, job.attempt
+            first = await asyncio.to_thread(self.queue.complete, job, result.to_bytes())
+            self.stats.completed += int(first)
+            self.stats.duplicates += int(not first)
+            self.stats.frames += result.length
+            FRAMES.inc(result.length)
+            EPISODES.labels(outcome="success" if result.success else "failure").inc()
+            EPISODE_SECONDS.observe(time.monotonic() - began)
+        except Exception as exc:  # any failure goes back to the queue with its message
+            message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, EpisodeError) else str(exc)
+            if isinstance(exc, TimeoutError):
+                message = f"the episode took longer than {self.episode_timeout_s:.0f} s"
+            dead = await asyncio.to_thread(self.queue.fail, job, message)
+            self.stats.failed += 1
+            EPISODES.labels(outcome="error").inc()
+            log.warning("episode failed", job=job.job_id, attempt=job.attempt, dead_lettered=dead, error=message)
+        finally:
+            self.held.pop(job.entry_id, None)
+            ACTIVE.dec()
+
+    async def _heartbeat(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.held:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.queue.heartbeat, self.name, list(self.held))
+
+    async def run(self, stop: asyncio.Event | None = None, max_jobs: int | None = None) -> WorkerStats:
+        """Work until `stop` is set (finishing the episodes in hand) or `max_jobs` were taken."""
+        stop = stop or asyncio.Event()
+        tasks: set[asyncio.Task[None]] = set()
+        taken = 0
+        beat = asyncio.create_task(self._heartbeat(max(0.05, self.queue.visibility_timeout_s / 3)))
+        try:
+            while not stop.is_set() and (max_jobs is None or taken < max_jobs):
+                free = self.concurrency - len(tasks)
+                if max_jobs is not None:
+                    free = min(free, max_jobs - taken)
+                if free <= 0:
+                    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                jobs = await asyncio.to_thread(self.queue.claim, self.name, free, 200 if tasks else 1000)
+                for job in jobs:
+                    task = asyncio.create_task(self._run_job(job))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                taken += len(jobs)
+            if tasks:
+                await asyncio.wait(tasks)
+        finally:
+            beat.cancel()
+        return self.stats

@@ -1,0 +1,103 @@
+"""The rollout-worker process: connect, check the services, run until SIGTERM, exit cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+from wmpo.common.auth import load_tokens
+from wmpo.common.errors import UserError
+from wmpo.common.logs import get_logger
+from wmpo.common.metrics import serve_metrics
+from wmpo.trainer.queue import JobQueue
+from wmpo.trainer.settings import TrainerSettings
+from wmpo.trainer.worker import PolicyCaller, RolloutWorker, WorkerStats
+from wmpo.worldmodel.client import AsyncDreamClient
+
+log = get_logger(__name__)
+QUEUE_METRICS_EVERY_S = 5.0
+
+
+def make_queue(settings: TrainerSettings) -> JobQueue:
+    """The job queue the settings describe (one Redis connection pool, shared by threads)."""
+    return JobQueue(
+        settings.redis_url,
+        settings.queue_name,
+        max_len=settings.queue_max_len,
+        visibility_timeout_s=settings.visibility_timeout_s,
+        max_attempts=settings.max_attempts,
+    )
+
+
+def policy_token(settings: TrainerSettings) -> str | None:
+    if settings.policy_token_file is None:
+        return None
+    tokens = load_tokens(settings.policy_token_file)
+    return tokens[0] if tokens else None
+
+
+async def _export_queue_metrics(queue: JobQueue) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(queue.export_metrics)
+        except Exception as exc:  # Redis blips must not stop the worker
+            log.warning("could not read queue metrics", error=str(exc))
+        await asyncio.sleep(QUEUE_METRICS_EVERY_S)
+
+
+async def _main(settings: TrainerSettings, name: str, max_jobs: int | None) -> WorkerStats:
+    queue = make_queue(settings)
+    policy = PolicyCaller(settings.policy_address, policy_token(settings))
+    dream = AsyncDreamClient(settings.dream_address)
+    try:
+        try:
+            spec = await asyncio.wait_for(dream.spec(), 60)
+        except Exception as exc:
+            raise UserError(f"the world model at {settings.dream_address} is not reachable: {exc}") from exc
+        worker = RolloutWorker(
+            queue,
+            policy,
+            dream,
+            name=name,
+            concurrency=settings.worker_concurrency,
+            episode_timeout_s=settings.episode_timeout_s,
+        )
+        worker._spec = spec
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():
+                os._exit(1)  # a second signal: do not wait for the episodes in hand (the queue reclaims them)
+            log.info("stopping: finishing the episodes in hand", held=len(worker.held))
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+        exporter = asyncio.create_task(_export_queue_metrics(queue))
+        log.info(
+            "worker ready",
+            name=name,
+            redis=settings.redis_url,
+            policy=settings.policy_address,
+            dream=settings.dream_address,
+            concurrency=settings.worker_concurrency,
+        )
+        try:
+            return await worker.run(stop, max_jobs=max_jobs)
+        finally:
+            exporter.cancel()
+    finally:
+        await policy.close()
+        await dream.close()
+
+
+def run_worker(settings: TrainerSettings, name: str | None = None, max_jobs: int | None = None) -> None:
+    """Run one worker process until SIGTERM (or `max_jobs`)."""
+    if settings.metrics_port:
+        serve_metrics(settings.metrics_port)
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    stats = asyncio.run(_main(settings, name, max_jobs))
+    log.info("worker stopped", name=name, completed=stats.completed, failed=stats.failed, frames=stats.frames)

@@ -1,0 +1,220 @@
+"""WMPO through the services: real Redis, a real Triton dream/reward server, a real policy gRPC server,
+real rollout-worker processes, tiny models and a small real-simulator dataset."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from policy_fixtures import make_checkpoint, start_server
+
+from wmpo.common.net import free_port, wait_until
+from wmpo.common.redis_server import RedisServer
+from wmpo.common.registry import Registry
+from wmpo.common.triton import TritonPorts
+from wmpo.data.dataset import TrajectoryDataset
+from wmpo.policy.server import PolicyServer
+from wmpo.robot.client import PolicyClient
+from wmpo.sim.rollout import run_many
+from wmpo.sim.sources import SourceSpec
+from wmpo.sim.tasks import get_task
+from wmpo.trainer.episodes import EpisodeJob, EpisodeResult
+from wmpo.trainer.queue import JobQueue
+from wmpo.worldmodel.checkpoint import save_world_model
+from wmpo.worldmodel.client import DreamClient
+from wmpo.worldmodel.model import make_world_model
+from wmpo.worldmodel.reward import RewardModel
+from wmpo.worldmodel.serving import serve_dream
+
+SIZE = 32
+WMPO = [sys.executable, "-m", "wmpo.common.cli"]
+pytestmark = [pytest.mark.triton, pytest.mark.redis]
+
+
+@dataclass
+class Services:
+    root: Path
+    registry: Path
+    dataset: Path
+    redis_url: str
+    policy: PolicyServer
+    triton: TritonPorts
+
+    @property
+    def policy_address(self) -> str:
+        return f"grpc://{self.policy.address}"
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[Services]:
+    """Registry with policy/world-model/reward v1, a dataset of 3 noisy-expert reach episodes, Triton and policy."""
+    root = tmp_path_factory.mktemp("wmpo")
+    registry, dataset = root / "registry", root / "data"
+    list(run_many(get_task("reach"), SourceSpec("expert", noise=0.3), [1, 2, 3], image_size=SIZE, out_dir=dataset,
+                  steps_after_success=8))  # fmt: skip
+    Registry(registry, "policy").publish(make_checkpoint(root / "policy", proprio_dim=0, image_size=SIZE))
+    torch.manual_seed(0)
+    save_world_model(make_world_model("tiny", image_size=SIZE), root / "wm", {"steps": 0})
+    Registry(registry, "worldmodel").publish(root / "wm")
+    RewardModel.create("tiny", SIZE, 8).save(root / "reward")
+    Registry(registry, "reward").publish(root / "reward")
+    ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
+    triton, _models, watcher = serve_dream(None, None, ports, registry=str(registry), max_batch_size=16,
+                                           max_queue_delay_us=5000, bind_address="127.0.0.1")  # fmt: skip
+    policy = start_server(registry=str(registry), redis_url=redis_server.url)
+    try:
+        yield Services(root, registry, dataset, redis_server.url, policy, ports)
+    finally:
+        policy.stop()
+        if watcher is not None:
+            watcher.stop()
+        triton.stop()
+
+
+def spawn_worker(services: Services, name: str, queue: str, **env: str) -> subprocess.Popen[bytes]:
+    cmd = [*WMPO, "trainer", "worker", "--redis", services.redis_url, "--policy", services.policy_address,
+           "--dream", f"127.0.0.1:{services.triton.grpc}", "--concurrency", "8", "--name", name]  # fmt: skip
+    environment = {**os.environ, "WMPO_TRAINER_QUEUE_NAME": queue, **env}
+    return subprocess.Popen(cmd, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+
+
+def run_config(services: Services, tmp_path: Path, **run: Any) -> Path:
+    config = {
+        "trainer": {
+            "redis_url": services.redis_url, "policy_address": services.policy_address,
+            "dream_address": f"127.0.0.1:{services.triton.grpc}", "registry_dir": str(services.registry),
+            "runs_dir": str(tmp_path / "runs"), "queue_name": "train",
+        },
+        "run": {
+            "task": "reach", "dataset": str(services.dataset), "iterations": 2, "groups_per_iteration": 2,
+            "group_size": 4, "horizon": 16, "keep_low": 0.0, "keep_high": 1.0, "minibatch_size": 8, "lr": 1e-3,
+            "videos_per_iteration": 1, "swap_timeout_s": 60, **run,
+        },
+    }  # fmt: skip
+    path = tmp_path / "run-a.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_two_iterations_publish_versions_that_the_policy_server_serves(services: Services, tmp_path: Path) -> None:
+    episodes_before = len(TrajectoryDataset(services.dataset))
+    config = run_config(services, tmp_path, align_every=1, align_rollouts=2, align_world_model_steps=2,
+                        align_reward_steps=2)  # fmt: skip
+    worker = spawn_worker(services, "w1", "train")
+    try:
+        done = subprocess.run([*WMPO, "train", "--config", str(config), "--no-progress"], check=False,
+                              capture_output=True, text=True, timeout=420)  # fmt: skip
+    finally:
+        worker_log = stop(worker)
+    assert done.returncode == 0, done.stdout + done.stderr + worker_log
+    assert "run run-a: finished after 2/2 iterations, policy version 3" in done.stdout
+
+    run_dir = tmp_path / "runs" / "run-a"
+    records = [yaml.safe_load(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2]
+    assert [(r["policy_version"], r["new_policy_version"]) for r in records] == [(1, 2), (2, 3)]
+    for r in records:
+        assert r["episodes"] == 8 and r["lost_episodes"] == 0 and r["groups"] == 2 and r["kept_group_fraction"] == 1
+        assert 0 <= r["imagined_success_rate"] <= 1 and r["frames"] >= 8 and r["episodes_per_s"] > 0
+        assert r["first_max_abs_log_ratio"] < 1e-4  # the learner's θ_old log-probs equal the rollouts' (ρ = 1)
+        assert (
+            r["optimizer_steps"] == -(-r["samples"] // 8)
+            and r["loss"] is not None
+            and "clip_fraction" in r
+            and "entropy" in r
+        )
+    # alignment after iteration 1 (not after the last): 2 real rollouts appended, both models published and served
+    assert records[0]["align_real_rollouts"] == 2 and "align_real_rollouts" not in records[1]
+    assert records[0]["align_world_model_version"] == 2 and records[0]["align_reward_version"] == 2
+    assert records[1]["world_model_version"] == 2  # the second iteration imagined with the aligned world model
+    assert len(TrajectoryDataset(services.dataset)) == episodes_before + 2
+    dream = DreamClient(f"127.0.0.1:{services.triton.grpc}")
+    _frames, served = dream.imagine(np.zeros((4, SIZE, SIZE, 3), np.uint8), np.zeros((8, 4), np.float32), 0)
+    dream.close()
+    assert served == 2
+
+    status = yaml.safe_load((run_dir / "status.json").read_text())
+    assert (status["status"], status["iteration"], status["policy_version"]) == ("finished", 2, 3)
+    versions = Registry(services.registry, "policy").list()
+    assert [v.metadata.get("run_id") for v in versions] == [None, "run-a", "run-a"]
+    assert [v.metadata.get("parent") for v in versions[1:]] == ["1", "2"]
+    with PolicyClient(services.policy_address) as client:
+        assert client.list_versions().current_version == 3
+        chunk = client.act({"main": np.zeros((SIZE, SIZE, 3), np.uint8)}, "reach the goal", temperature=1.0, seed=1)
+        assert chunk.policy_version == 3
+    assert len(list((run_dir / "videos").glob("it0001-*.gif"))) == 1
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+    # the same run again: nothing left to do, nothing re-counted or re-published
+    again = subprocess.run([*WMPO, "train", "--config", str(config), "--no-progress"], check=False, capture_output=True,
+                           text=True, timeout=120)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "finished after 2/2 iterations, policy version 3 (16 imagined episodes)" in again.stdout
+    assert len(Registry(services.registry, "policy").list()) == 3
+
+
+def _job(services: Services, i: int, horizon: int, size: int = SIZE) -> EpisodeJob:
+    frames = TrajectoryDataset(services.dataset).context_frames(
+        TrajectoryDataset(services.dataset).episodes[0].episode_id, 0
+    )
+    if size != SIZE:
+        frames = np.zeros((4, size, size, 3), np.uint8)
+    return EpisodeJob(f"fault/it0000/g000/e{i:02d}", "fault", 0, 0, i, 1, "reach the goal", frames, seed=i,
+                      horizon=horizon)  # fmt: skip
+
+
+def test_a_killed_workers_episodes_are_reclaimed_and_a_poison_job_is_dead_lettered(services: Services) -> None:
+    queue = JobQueue(services.redis_url, "fault", visibility_timeout_s=3.0, max_attempts=3)
+    queue.purge()
+    good = [_job(services, i, horizon=320) for i in range(4)]
+    poison = _job(services, 9, horizon=16, size=SIZE // 2)  # frames the world model cannot take
+    assert queue.enqueue_many([(j.job_id, j.to_bytes()) for j in [*good, poison]]) == 5
+    env = {"WMPO_TRAINER_VISIBILITY_TIMEOUT_S": "3"}
+    first = spawn_worker(services, "doomed", "fault", **env)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        # kill the first worker while it holds the good episodes, none of them finished
+        wait_until(lambda: queue.stats().pending >= 4, timeout=120, what="the first worker to claim the jobs")
+        time.sleep(1.0)
+        assert not queue.results([j.job_id for j in good]), "episodes finished before the kill; lengthen them"
+        first.kill()
+        first.wait()
+        second = spawn_worker(services, "rescuer", "fault", **env)
+        raw = queue.wait_results([j.job_id for j in [*good, poison]], timeout=300)
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+    results = {job_id: EpisodeResult.from_bytes(data) for job_id, data in raw.items()}
+    assert set(results) == {j.job_id for j in good}  # none lost, the poison job is not among them
+    for result in results.values():
+        assert result.worker == "rescuer" and result.attempt == 2  # reclaimed from the dead worker, done once
+        assert result.length == 320 or result.success
+    stats = queue.stats()
+    assert stats.depth == 0 and stats.pending == 0 and stats.dead_letters == 1
+    (dead,) = queue.dead_letters()
+    assert dead.job_id == poison.job_id and dead.attempts == 3 and "do not match the world model" in dead.error
+    assert queue.complete is not None and not queue.enqueue(good[0].job_id, good[0].to_bytes())  # already done
+    queue.purge()
