@@ -23,7 +23,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from wmpo.common.media import write_gif
 from wmpo.common.net import free_port, port_is_open, wait_until
 from wmpo.common.registry import Registry
-from wmpo.trainer.api import create_app, svg_plot
+from wmpo.trainer.api import create_app
+from wmpo.trainer.plots import svg_lines, svg_plot
 from wmpo.trainer.runs import DIED_ERROR, InvalidRunIdError, RunExistsError, RunNotFoundError, RunStore, pid_alive
 from wmpo.trainer.settings import TrainerSettings
 
@@ -412,6 +413,8 @@ def test_svg_plot_handles_flat_and_single_point_series() -> None:
         svg = svg_plot(xs, ys, "m")
         assert svg.count("<svg") == 1 and "nan" not in svg.lower() and "inf" not in svg.lower()
     assert "no data" in svg_plot([], [], "m")
+    both = svg_lines({"model": ([1, 8], [30.0, 25.0]), "copy last frame": ([1, 8], [33.0, 23.0])}, "PSNR")
+    assert both.count("<polyline") == 2 and "copy last frame" in both and "model" in both
 
 
 # -- the CLI --------------------------------------------------------------------------------------------

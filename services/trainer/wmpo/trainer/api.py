@@ -33,6 +33,7 @@ from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import counter, gauge, histogram
 from wmpo.common.registry import Registry, VersionNotFoundError
+from wmpo.trainer.plots import svg_plot
 from wmpo.trainer.runs import (
     ACTIVE,
     STATUSES,
@@ -501,42 +502,3 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             items.append((name, value))
     return items
-
-
-def svg_plot(xs: Sequence[float], ys: Sequence[float], title: str, width: int = 340, height: int = 170) -> str:
-    """A small self-contained SVG line plot of ys against xs, with its y range, x range and last value."""
-    left, right, top, bottom = 48, 10, 22, 22
-    inner_w, inner_h = width - left - right, height - top - bottom
-    head = f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">'
-    label = html.escape(title)
-    if not xs:
-        return f'{head}<text x="{left}" y="14" font-size="12">{label}: no data</text></svg>'
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    if x1 == x0:
-        x0, x1 = x0 - 0.5, x1 + 0.5
-    if y1 == y0:
-        pad = abs(y0) * 0.1 or 0.5
-        y0, y1 = y0 - pad, y1 + pad
-
-    def px(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * inner_w
-
-    def py(y: float) -> float:
-        return top + (1 - (y - y0) / (y1 - y0)) * inner_h
-
-    points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys, strict=True))
-    dots = "".join(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2"/>' for x, y in zip(xs, ys, strict=True))
-    parts = [
-        head,
-        f'<text x="{left}" y="14" font-size="12" font-weight="bold">{label} (last {ys[-1]:.4g})</text>',
-        f'<rect x="{left}" y="{top}" width="{inner_w}" height="{inner_h}" fill="none" stroke="#d0d7de"/>',
-        f'<text x="{left - 4}" y="{top + 9}" font-size="10" text-anchor="end">{y1:.3g}</text>',
-        f'<text x="{left - 4}" y="{top + inner_h}" font-size="10" text-anchor="end">{y0:.3g}</text>',
-        f'<text x="{left}" y="{height - 6}" font-size="10">{x0:.4g}</text>',
-        f'<text x="{left + inner_w}" y="{height - 6}" font-size="10" text-anchor="end">{x1:.4g}</text>',
-        f'<polyline points="{points}" fill="none" stroke="#0969da" stroke-width="1.5"/>',
-        f'<g fill="#0969da">{dots}</g>' if len(xs) <= 60 else "",
-        "</svg>",
-    ]
-    return f"<figure>{''.join(parts)}</figure>"

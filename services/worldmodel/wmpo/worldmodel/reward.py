@@ -188,6 +188,20 @@ def classification_metrics(probs: Array, labels: Array, threshold: float) -> dic
     }
 
 
+def calibrate_threshold(probs: Array, labels: Array, low: float = 0.5, high: float = 0.99) -> float | None:
+    """The success threshold in [low, high] with the best F1 on labelled clips (ties: the higher one).
+
+    The paper sets a threshold per task (0.62-0.96); this picks one from held-out clips. None without
+    positive clips.
+    """
+    labels = np.asarray(labels, bool)
+    if not labels.any():
+        return None
+    candidates = np.unique(np.clip(np.concatenate([probs, [low, high]]), low, high))
+    scored = [(classification_metrics(probs, labels, float(t))["f1"], float(t)) for t in candidates]
+    return max(scored)[1]
+
+
 def auroc(scores: Array, labels: Array) -> float:
     """Area under the ROC curve (Mann-Whitney U with ties halved); NaN when one class is absent."""
     pos, neg = scores[labels], scores[~labels]
