@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv sim-deps proto lint format test demo clean
+.PHONY: help venv sim-deps proto lint format test demo images clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -43,8 +43,28 @@ test: lint sim-deps  ## lint, then the whole test suite (starts real Redis, Trit
 	@$(BIN)/python -m wmpo.common.redis_server --check
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-demo:  ## the end-to-end WMPO demo (not built yet)
-	@echo "make demo: the end-to-end demo is not built yet (see README, Status); make test runs what exists"; exit 2
+DEMO_ARGS ?=
+
+demo: $(STAMP) sim-deps  ## WMPO end to end on the local stack -> demo-report/index.html (DEMO_ARGS=--quick: ~3 min)
+	$(BIN)/wmpo demo $(DEMO_ARGS)
+
+# Container images from deploy/Dockerfile (a target per service). VARIANT=cuda takes torch from the CUDA index
+# and tags the images <tag>-cuda. Needs a Docker engine with BuildKit; tests/test_deploy.py reads `make -n images`.
+IMAGE_SERVICES := policy worldmodel trainer
+IMAGE_TAG ?= dev
+VARIANT ?= cpu
+CPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+CUDA_TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
+IMAGE_SUFFIX = $(if $(filter cuda,$(VARIANT)),-cuda,)
+TORCH_INDEX = $(if $(filter cuda,$(VARIANT)),$(CUDA_TORCH_INDEX),$(CPU_TORCH_INDEX))
+
+images:  ## build the service images with Docker (VARIANT=cpu|cuda, IMAGE_TAG=dev; see deploy/README.md)
+	@case "$(VARIANT)" in cpu|cuda) ;; *) echo "make images: VARIANT must be cpu or cuda, got '$(VARIANT)'"; exit 2;; esac
+	@command -v docker >/dev/null 2>&1 \
+	  || { echo "make images: needs Docker (docker build with BuildKit); no docker client is installed here"; exit 2; }
+	@docker info >/dev/null 2>&1 \
+	  || { echo "make images: the docker client cannot reach a Docker engine (docker info failed); start one or build elsewhere"; exit 2; }
+	$(foreach s,$(IMAGE_SERVICES),DOCKER_BUILDKIT=1 docker build --file deploy/Dockerfile --target $(s) --build-arg TORCH_INDEX_URL=$(TORCH_INDEX) --tag wmpo-$(s):$(IMAGE_TAG)$(IMAGE_SUFFIX) . &&) true
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info
