@@ -100,12 +100,12 @@ def stop(proc: subprocess.Popen[bytes]) -> str:
     return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
 
 
-def run_config(services: Services, tmp_path: Path, **run: Any) -> Path:
+def run_config(services: Services, tmp_path: Path, queue: str = "train", name: str = "run-a", **run: Any) -> Path:
     config = {
         "trainer": {
             "redis_url": services.redis_url, "policy_address": services.policy_address,
             "dream_address": f"127.0.0.1:{services.triton.grpc}", "registry_dir": str(services.registry),
-            "runs_dir": str(tmp_path / "runs"), "queue_name": "train",
+            "runs_dir": str(tmp_path / "runs"), "queue_name": queue,
         },
         "run": {
             "task": "reach", "dataset": str(services.dataset), "iterations": 2, "groups_per_iteration": 2,
@@ -113,7 +113,7 @@ def run_config(services: Services, tmp_path: Path, **run: Any) -> Path:
             "videos_per_iteration": 1, "swap_timeout_s": 60, **run,
         },
     }  # fmt: skip
-    path = tmp_path / "run-a.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -173,6 +173,38 @@ def test_two_iterations_publish_versions_that_the_policy_server_serves(services:
     assert again.returncode == 0, again.stderr
     assert "finished after 2/2 iterations, policy version 3 (16 imagined episodes)" in again.stdout
     assert len(Registry(services.registry, "policy").list()) == 3
+
+
+def test_a_learner_killed_mid_iteration_resumes_without_recounting_episodes(services: Services, tmp_path: Path) -> None:
+    config = run_config(services, tmp_path, queue="resume", name="run-b", policy="1", group_size=4, horizon=40)
+    queue = JobQueue(services.redis_url, "resume")
+    queue.purge()
+    worker = spawn_worker(services, "w-resume", "resume")
+    train = [*WMPO, "train", "--config", str(config), "--no-progress"]
+    try:
+        learner = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        second = [f"run-b/it0001/g{g:03d}/e{e:02d}" for g in range(2) for e in range(4)]
+        # crash the learner once some (not all) episodes of iteration 2 are finished
+        wait_until(lambda: len(queue.results(second)) >= 2 or learner.poll() is not None, timeout=300,
+                   what="iteration 2 to be under way", interval=0.02)  # fmt: skip
+        learner.kill()
+        learner.wait()
+        finished_before = set(queue.results(second))
+        assert 2 <= len(finished_before) < 8, "the learner finished iteration 2 before the kill"
+        status = yaml.safe_load((tmp_path / "runs" / "run-b" / "status.json").read_text())
+        assert status["iteration"] == 1
+        done = subprocess.run(train, check=False, capture_output=True, text=True, timeout=300)
+    finally:
+        worker_log = stop(worker)
+    assert done.returncode == 0, done.stdout + done.stderr + worker_log
+    assert "reusing finished episodes" in done.stdout + done.stderr
+    assert "finished after 2/2 iterations" in done.stdout and "(16 imagined episodes)" in done.stdout
+    lines = (tmp_path / "runs" / "run-b" / "metrics.jsonl").read_text().splitlines()
+    assert [yaml.safe_load(line)["iteration"] for line in lines] == [1, 2]
+    assert yaml.safe_load(lines[1])["total_episodes"] == 16
+    published = [v for v in Registry(services.registry, "policy").list() if v.metadata.get("run_id") == "run-b"]
+    assert [v.metadata["iteration"] for v in published] == ["0", "1"]  # one version per iteration, none twice
+    queue.purge()
 
 
 def _job(services: Services, i: int, horizon: int, size: int = SIZE) -> EpisodeJob:

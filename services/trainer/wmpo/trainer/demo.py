@@ -286,10 +286,12 @@ class Demo:
             ),
             progress=lambda line: typer.echo(f"  {line}", err=True),
         )  # fmt: skip
+        needs_stack = any(name not in s.done for name in ("wmpo", "eval-base", "eval-final"))
         try:
-            s.run("stack", "bring the local stack up", lambda: {"services": [st.name for st in stack.up()]},
-                  cache=False)  # fmt: skip
-            typer.echo(f"  control plane: {stack.api_url}  (runs, versions, dashboard)", err=True)
+            if needs_stack:
+                s.run("stack", "bring the local stack up", lambda: {"services": [st.name for st in stack.up()]},
+                      cache=False)  # fmt: skip
+                typer.echo(f"  control plane: {stack.api_url}  (runs, versions, dashboard)", err=True)
             run = s.run("wmpo", "WMPO: GRPO in the world model, with policy-behaviour alignment",
                         lambda: self.wmpo(stack))  # fmt: skip
             base = s.run("eval-base", "evaluate the base policy in the real simulator",
@@ -297,7 +299,8 @@ class Demo:
             final = s.run("eval-final", "evaluate the final policy in the real simulator",
                           lambda: self.evaluate(stack, "final", run["final_version"]))  # fmt: skip
         finally:
-            s.run("stack-down", "tear the stack down", lambda: {"stopped": len(stack.down().stopped)}, cache=False)
+            if needs_stack:
+                s.run("stack-down", "tear the stack down", lambda: _down(stack), cache=False)
         fid_final = s.run("fidelity-final", "world-model fidelity (aligned, on the policy's own rollouts)",
                           lambda: self.fidelity("fidelity-final", self.data, source_prefix="policy:"))  # fmt: skip
         report = {
@@ -331,6 +334,13 @@ def demo(
         shutil.rmtree(work, ignore_errors=True)
     report = Demo(replace(profile), work, out, device).run()
     _summary(report, out)
+
+
+def _down(stack: Any) -> dict[str, Any]:
+    result = stack.down()
+    if not result.clean:
+        typer.secho(f"  warning: left behind: {result.survivors} ports {result.busy_ports}", fg="yellow", err=True)
+    return {"stopped": result.stopped, "clean": result.clean}
 
 
 def _summary(report: dict[str, Any], out: Path) -> None:
