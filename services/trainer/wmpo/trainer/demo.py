@@ -41,20 +41,21 @@ class DemoProfile:
     noise: float = 1.0
     heldout_episodes: int = 4
     bc_steps: int = 800
-    wm_steps: int = 1500
+    wm_steps: int = 800
     reward_steps: int = 600
-    iterations: int = 6
-    groups: int = 8
+    iterations: int = 5
+    groups: int = 6
     group_size: int = 8
-    horizon: int = 64
+    horizon: int = 48
     success_threshold: float = 0.8
-    lr: float = 1e-4
+    lr: float = 2e-4
+    epochs: int = 2
     minibatch_size: int = 64
-    align_every: int = 3
-    align_rollouts: int = 16
-    align_wm_steps: int = 150
+    align_every: int = 2
+    align_rollouts: int = 12
+    align_wm_steps: int = 100
     align_reward_steps: int = 100
-    eval_episodes: int = 30
+    eval_episodes: int = 24
     workers: int = 2
     worker_concurrency: int = 16
     sim_workers: int = 2
@@ -66,7 +67,7 @@ PROFILES = {
         "quick", expert_episodes=6, noisy_episodes=4, heldout_episodes=2, bc_steps=40, wm_steps=40,
         reward_steps=60, iterations=2, groups=2, group_size=4, horizon=24, align_every=1, align_rollouts=2,
         align_wm_steps=5, align_reward_steps=5, eval_episodes=4, workers=1, worker_concurrency=8,
-        minibatch_size=16,
+        minibatch_size=16, epochs=1,
     ),
 }  # fmt: skip
 HELDOUT_SEED = 900_000  # below the evaluation range, far from the collection seeds
@@ -229,7 +230,7 @@ class Demo:
             "run": {
                 "task": p.task, "dataset": str(self.data), "iterations": p.iterations,
                 "groups_per_iteration": p.groups, "group_size": p.group_size, "horizon": p.horizon,
-                "success_threshold": threshold, "lr": p.lr, "minibatch_size": p.minibatch_size,
+                "success_threshold": threshold, "lr": p.lr, "epochs": p.epochs, "minibatch_size": p.minibatch_size,
                 "align_every": p.align_every, "align_rollouts": p.align_rollouts,
                 "align_world_model_steps": p.align_wm_steps, "align_reward_steps": p.align_reward_steps,
                 "sim_workers": p.sim_workers, "videos_per_iteration": 4, "device": self.device,

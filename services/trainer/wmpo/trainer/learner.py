@@ -286,7 +286,8 @@ class Learner:
         update_began = time.monotonic()
         new_version = state.policy_version
         if kept:
-            stats = self._update(it, bundle, optimizer, kept)
+            instructions = {job.group: job.instruction for job in jobs}
+            stats = self._update(it, bundle, optimizer, kept, instructions)
             record.update({k: v for k, v in asdict(stats).items()})
             new_version = self._publish(it, bundle, optimizer, state, record)
         else:
@@ -386,11 +387,16 @@ class Learner:
         return results
 
     def _update(
-        self, it: int, bundle: PolicyBundle, optimizer: torch.optim.Optimizer, kept: dict[int, list[EpisodeResult]]
+        self,
+        it: int,
+        bundle: PolicyBundle,
+        optimizer: torch.optim.Optimizer,
+        kept: dict[int, list[EpisodeResult]],
+        instruction_of: dict[int, str],
     ) -> UpdateStats:
         observations, tokens, logprobs, advantages, instructions = [], [], [], [], []
-        instruction = self.task.instruction
-        for results in kept.values():
+        for group, results in kept.items():
+            instruction = instruction_of[group]
             adv = group_advantages([r.reward for r in results], self.grpo.advantage_eps)
             for result, a in zip(results, adv, strict=True):
                 n = len(result.tokens)

@@ -10,6 +10,7 @@ background and swapped in without restarting Triton (its number is then reported
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,46 +155,47 @@ class WorldModelWatcher:
         return self
 
     def refresh(self) -> bool:
-        """Swap in new versions; True if anything changed."""
-        changed = self._refresh_world()
+        """Swap in new versions; True if anything changed.
+
+        The reward model goes first: alignment publishes it before the world model, so a client that sees
+        the new world-model version in `dream` answers also gets the new reward model.
+        """
+        changed = False
         if self.reward_registry is not None:
-            changed = self._refresh_reward(self.reward_registry) or changed
-        return changed
+            changed = self._refresh(
+                self.reward_registry, self.models.reward_version, self.refused_reward, "reward-model",
+                lambda path: RewardModel.load(path, self.device), self.models.swap_reward,
+            )  # fmt: skip
+        world = self._refresh(
+            self.registry, self.models.world.version, self.refused, "world-model",
+            lambda path: load_world_model(path, self.device)[0], self.models.swap,
+        )  # fmt: skip
+        return world or changed
 
-    def _refresh_world(self) -> bool:
-        try:
-            target = self.registry.resolve("latest")
-        except VersionNotFoundError:
-            return False
-        if target == self.models.world.version or target in self.refused:
-            return False
-        try:
-            info = self.registry.verify(target)
-            model, _ = load_world_model(info.path, self.device)
-        except Exception as exc:
-            self.refused[target] = str(exc)
-            log.error("refusing world-model version", version=target, reason=str(exc))
-            return False
-        self.models.swap(model, target)
-        log.info("serving world-model version", version=target)
-        return True
-
-    def _refresh_reward(self, registry: Registry) -> bool:
+    def _refresh(
+        self,
+        registry: Registry,
+        current: int,
+        refused: dict[int, str],
+        what: str,
+        load: Callable[[str], Any],
+        install: Callable[[Any, int], None],
+    ) -> bool:
+        """Load and install `registry`'s latest version if it is new and not refused before."""
         try:
             target = registry.resolve("latest")
         except VersionNotFoundError:
             return False
-        if target == self.models.reward_version or target in self.refused_reward:
+        if target == current or target in refused:
             return False
         try:
-            info = registry.verify(target)
-            reward = RewardModel.load(info.path, self.device)
+            loaded = load(registry.verify(target).path)
         except Exception as exc:
-            self.refused_reward[target] = str(exc)
-            log.error("refusing reward-model version", version=target, reason=str(exc))
+            refused[target] = str(exc)
+            log.error(f"refusing {what} version", version=target, reason=str(exc))
             return False
-        self.models.swap_reward(reward, target)
-        log.info("serving reward-model version", version=target)
+        install(loaded, target)
+        log.info(f"serving {what} version", version=target)
         return True
 
     def _run(self) -> None:
