@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from wmpo.trainer.supervisor import is_running
+from wmpo.trainer.supervisor import is_running, port_free
 
 WMPO = [sys.executable, "-m", "wmpo.common.cli"]
 pytestmark = [pytest.mark.triton, pytest.mark.redis]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
 
 
 def test_quick_demo_writes_a_consistent_report_and_leaves_nothing_running(tmp_path: Path) -> None:
@@ -59,7 +49,8 @@ def test_quick_demo_writes_a_consistent_report_and_leaves_nothing_running(tmp_pa
     assert {s["name"] for s in stack["services"]} == {"redis", "dream", "policy", "worker-0", "api"}
     for service in stack["services"]:
         assert not (service.get("pid") and is_running(int(service["pid"]))), service
-    assert all(_port_free(int(port)) for port in stack["ports"].values()), stack["ports"]
+    busy = {name: port for name, port in stack["ports"].items() if not port_free("127.0.0.1", int(port))}
+    assert not busy and "left behind" not in done.stderr, busy
 
     # a second run resumes from the cache: every stage cached, no stack, same numbers
     again = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
