@@ -250,3 +250,28 @@ def test_a_killed_workers_episodes_are_reclaimed_and_a_poison_job_is_dead_letter
     assert dead.job_id == poison.job_id and dead.attempts == 3 and "do not match the world model" in dead.error
     assert queue.complete is not None and not queue.enqueue(good[0].job_id, good[0].to_bytes())  # already done
     queue.purge()
+
+
+def test_a_redis_restart_loses_no_episode(services: Services, tmp_path: Path) -> None:
+    """Jobs and results live in Redis with AOF; workers wait out the restart and finish every episode."""
+    server = RedisServer(persist=True, data_dir=tmp_path / "redis").start()
+    port = server.port
+    queue = JobQueue(server.url, "restart", visibility_timeout_s=5.0)
+    jobs = [_job(services, i, horizon=160) for i in range(4)]
+    queue.enqueue_many([(j.job_id, j.to_bytes()) for j in jobs])
+    cmd = [*WMPO, "trainer", "worker", "--redis", server.url, "--policy", services.policy_address,
+           "--dream", f"127.0.0.1:{services.triton.grpc}", "--concurrency", "8", "--name", "survivor"]  # fmt: skip
+    worker = subprocess.Popen(cmd, env={**os.environ, "WMPO_TRAINER_QUEUE_NAME": "restart"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_until(lambda: queue.stats().pending >= 4, timeout=120, what="the worker to claim the jobs")
+        server.stop()  # mid-episode: the worker's next queue call fails until Redis is back
+        time.sleep(2.0)
+        server = RedisServer(port, persist=True, data_dir=tmp_path / "redis").start()
+        raw = queue.wait_results([j.job_id for j in jobs], timeout=300)
+        assert worker.poll() is None, "the worker died with Redis"
+    finally:
+        log = stop(worker)
+        server.stop()
+    assert set(raw) == {j.job_id for j in jobs}, log
+    assert "cannot reach the job queue; retrying" in log

@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+import redis
 
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import counter, gauge, histogram
@@ -33,6 +36,9 @@ EPISODES = counter("worker_episodes_total", "Imagined episodes finished by this 
 FRAMES = counter("worker_frames_total", "Frames imagined by this worker.")
 ACTIVE = gauge("worker_active_episodes", "Episodes this worker is running now.")
 EPISODE_SECONDS = histogram("worker_episode_seconds", "Wall time of one imagined episode.")
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+REDIS_RETRY_S = 1.0
+T = TypeVar("T")
 SEED_STRIDE = 100_003  # seeds of consecutive chunks of one episode; a prime so episodes do not collide
 
 
@@ -220,7 +226,7 @@ class RolloutWorker:
                 imagine_episode(episode, self.policy, self.dream, await self.spec(), camera), self.episode_timeout_s
             )
             result.worker, result.attempt = self.name, job.attempt
-            first = await asyncio.to_thread(self.queue.complete, job, result.to_bytes())
+            first = await self._queue_call(self.queue.complete, job, result.to_bytes())
             self.stats.completed += int(first)
             self.stats.duplicates += int(not first)
             self.stats.frames += result.length
@@ -231,13 +237,25 @@ class RolloutWorker:
             message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, EpisodeError) else str(exc)
             if isinstance(exc, TimeoutError):
                 message = f"the episode took longer than {self.episode_timeout_s:.0f} s"
-            dead = await asyncio.to_thread(self.queue.fail, job, message)
+            dead = await self._queue_call(self.queue.fail, job, message)
             self.stats.failed += 1
             EPISODES.labels(outcome="error").inc()
             log.warning("episode failed", job=job.job_id, attempt=job.attempt, dead_lettered=dead, error=message)
         finally:
             self.held.pop(job.entry_id, None)
             ACTIVE.dec()
+
+    async def _queue_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """A queue call that waits out a Redis restart (up to a visibility timeout) instead of losing a result."""
+        deadline = time.monotonic() + self.queue.visibility_timeout_s
+        while True:
+            try:
+                return await asyncio.to_thread(fn, *args)
+            except REDIS_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("cannot reach the job queue; retrying", error=str(exc))
+                await asyncio.sleep(REDIS_RETRY_S)
 
     async def _heartbeat(self, interval: float) -> None:
         while True:
@@ -260,7 +278,12 @@ class RolloutWorker:
                 if free <= 0:
                     await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                jobs = await asyncio.to_thread(self.queue.claim, self.name, free, 200 if tasks else 1000)
+                try:
+                    jobs = await asyncio.to_thread(self.queue.claim, self.name, free, 200 if tasks else 1000)
+                except REDIS_ERRORS as exc:  # Redis restarting: wait for it, the jobs are safe there
+                    log.warning("cannot reach the job queue; retrying", error=str(exc))
+                    await asyncio.sleep(REDIS_RETRY_S)
+                    continue
                 for job in jobs:
                     task = asyncio.create_task(self._run_job(job))
                     tasks.add(task)
