@@ -1,7 +1,8 @@
-"""Filesystem helpers: replacing a whole directory atomically."""
+"""Filesystem helpers: replacing a file or a whole directory atomically."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -34,3 +35,14 @@ def atomic_directory(target: Path, keep: tuple[str, ...] = ()) -> Iterator[Path]
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename (fsynced first): readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from wmpo.common.errors import UserError
+from wmpo.common.fsutil import atomic_write_text
 
 LATEST = "latest"
 
@@ -162,7 +163,7 @@ class Registry:
                 info = VersionInfo(
                     version, sha, time.time(), {k: str(v) for k, v in (metadata or {}).items()}, str(final)
                 )
-                _atomic_write(final.with_suffix(".json"), json.dumps(info.to_json(), indent=2, sort_keys=True))
+                atomic_write_text(final.with_suffix(".json"), json.dumps(info.to_json(), indent=2, sort_keys=True))
                 self._move_alias_locked(LATEST, version)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -188,7 +189,7 @@ class Registry:
                 raise UserError(f"alias {alias!r} has no earlier version to roll back to")
             previous = entry["history"].pop()
             entry["version"] = previous
-            _atomic_write(self.root / "aliases.json", json.dumps(aliases, indent=2, sort_keys=True))
+            atomic_write_text(self.root / "aliases.json", json.dumps(aliases, indent=2, sort_keys=True))
         self._notify({"event": "alias", "version": previous, "alias": alias})
         return int(previous)
 
@@ -198,7 +199,7 @@ class Registry:
         if entry["version"] != version:
             entry["history"] = [*entry["history"], entry["version"]][-50:]
             entry["version"] = version
-        _atomic_write(self.root / "aliases.json", json.dumps(aliases, indent=2, sort_keys=True))
+        atomic_write_text(self.root / "aliases.json", json.dumps(aliases, indent=2, sort_keys=True))
 
     def _read_aliases(self) -> dict[str, dict[str, Any]]:
         path = self.root / "aliases.json"
@@ -228,9 +229,3 @@ class Registry:
             client.publish(self.channel, json.dumps(event))
         finally:
             client.close()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -23,6 +23,7 @@ import yaml
 
 from wmpo.common.cli import check_device
 from wmpo.common.errors import UserError
+from wmpo.common.fsutil import atomic_write_text
 from wmpo.common.logs import get_logger
 
 log = get_logger(__name__)
@@ -102,9 +103,7 @@ class Stages:
         out["seconds"] = self.timings[name]
         if cache:
             self.done[name] = out
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.done, indent=2, default=str))
-            tmp.replace(self.path)
+            atomic_write_text(self.path, json.dumps(self.done, indent=2, default=str))
         return out
 
 

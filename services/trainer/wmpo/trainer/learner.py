@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from wmpo.common.errors import UserError
+from wmpo.common.fsutil import atomic_write_text
 from wmpo.common.logs import get_logger
 from wmpo.common.media import write_gif
 from wmpo.common.metrics import gauge
@@ -83,9 +84,7 @@ class RunState:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
     def write(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
+        atomic_write_text(path, json.dumps(asdict(self), indent=2))
 
 
 def episode_seed(run_seed: int, iteration: int, group: int, index: int) -> int:

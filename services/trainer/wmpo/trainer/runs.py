@@ -38,6 +38,7 @@ from typing import Any, Literal, cast, get_args
 
 import yaml
 
+from wmpo.common.fsutil import atomic_write_text
 from wmpo.common.logs import get_logger
 
 RunStatus = Literal["pending", "running", "stopping", "stopped", "finished", "failed"]
@@ -433,7 +434,7 @@ class RunStore:
                 pid_file.unlink(missing_ok=True)
                 changes["host"] = None
             else:
-                _atomic_write_text(pid_file, f"{int(pid)}\n")
+                atomic_write_text(pid_file, f"{int(pid)}\n")
                 changes["host"] = socket.gethostname()
         elif changes.get("status") in FINAL:
             pid_file.unlink(missing_ok=True)
@@ -475,14 +476,5 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"metrics value of type {type(value).__name__} is not JSON serialisable")
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

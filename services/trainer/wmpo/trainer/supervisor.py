@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from wmpo.common.errors import UserError
+from wmpo.common.fsutil import atomic_write_text
 from wmpo.common.redis_server import ping
 
 ProbeKind = Literal["redis", "http", "grpc"]
@@ -353,9 +354,7 @@ class Supervisor:
         """Write the state file atomically."""
         self.dir.mkdir(parents=True, exist_ok=True)
         data = {"host": self.host, "ports": self.ports, "services": [r.to_json() for r in records]}
-        tmp = self.state_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(self.state_path)
+        atomic_write_text(self.state_path, json.dumps(data, indent=2))
 
     def running(self) -> list[ServiceRecord]:
         """The recorded services whose process groups still run."""
