@@ -30,6 +30,11 @@ def load_tokens(path: Path) -> list[str]:
     return tokens
 
 
+def first_token(path: Path | None) -> str | None:
+    """The token a client sends: the first of `path` (as `load_tokens` reads it); None when no file is set."""
+    return None if path is None else load_tokens(path)[0]
+
+
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Rejects calls whose bearer token is not one of `tokens` (constant-time comparison)."""
 

@@ -21,6 +21,7 @@ from wmpo.common.registry import Registry
 from wmpo.sim.rollout import run_many
 from wmpo.sim.sources import SourceSpec
 from wmpo.sim.tasks import EVAL_SEED_OFFSET, get_task
+from wmpo.trainer.progress import advance_to
 from wmpo.trainer.runconfig import RunConfig
 from wmpo.trainer.settings import TrainerSettings
 from wmpo.trainer.worker_main import policy_token
@@ -72,15 +73,19 @@ def align(
     rewards = Registry(settings.registry_dir, "reward", settings.redis_url)
     worlds = Registry(settings.registry_dir, "worldmodel", settings.redis_url)
     reward_base, world_base = rewards.verify("latest"), worlds.verify("latest")
-    with _steps_bar(config.align_reward_steps, f"alignment {iteration}: reward model", progress) as on_step:
+    reward_bar = tqdm(total=config.align_reward_steps, desc=f"alignment {iteration}: reward model", unit="step",
+                      disable=not progress)  # fmt: skip
+    with reward_bar:
         _reward, reward_metrics = train_reward(
             config.dataset,
             out / "reward",
             RewardConfig(steps=config.align_reward_steps, device=config.device, init=reward_base.path,
                          seed=config.seed + iteration),
-            on_step=lambda step, _loss: on_step(step),
+            on_step=advance_to(reward_bar),
         )  # fmt: skip
-    with _steps_bar(config.align_world_model_steps, f"alignment {iteration}: world model", progress) as on_step:
+    world_bar = tqdm(total=config.align_world_model_steps, desc=f"alignment {iteration}: world model", unit="step",
+                     disable=not progress)  # fmt: skip
+    with world_bar:
         world = train_world_model(
             config.dataset,
             out / "worldmodel",
@@ -88,7 +93,7 @@ def align(
                           eval_every=max(1, config.align_world_model_steps), warmup_steps=0,
                           ema_decay=max(0.9, 1.0 - 10.0 / config.align_world_model_steps)),
             init=Path(world_base.path),
-            on_step=lambda step, _loss, _eval: on_step(step),
+            on_step=advance_to(world_bar),
         )  # fmt: skip
     metadata = {"alignment_of_policy": str(version), "iteration": str(iteration), "real_rollouts": str(len(seeds))}
     reward_info = rewards.publish(out / "reward", metadata={**metadata, "parent": str(reward_base.version)})
@@ -127,19 +132,3 @@ def wait_world_model(address: str, version: int, spec: DreamSpec, timeout_s: flo
             time.sleep(0.5)
     finally:
         client.close()
-
-
-class _steps_bar:  # noqa: N801 - used as a context manager, reads like one
-    """A tqdm bar advanced to the step number a training loop reports."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.bar = tqdm(total=total, desc=desc, unit="step", disable=not enabled)
-
-    def __enter__(self) -> Any:
-        def on_step(step: int) -> None:
-            self.bar.update(step - self.bar.n)
-
-        return on_step
-
-    def __exit__(self, *_exc: object) -> None:
-        self.bar.close()

@@ -14,7 +14,6 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import BaseModel, Field
 
 from wmpo.common import __version__
-from wmpo.common.auth import load_tokens
+from wmpo.common.auth import first_token
 from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import counter, gauge, histogram
@@ -87,11 +86,6 @@ class Rollback(BaseModel):
     """Move an alias back to its previous version."""
 
     alias: str = Field(default="latest", description="Alias to move back.")
-
-
-def load_api_token(path: Path | None) -> str | None:
-    """The first token of `path` (blank lines and ``#`` comments skipped); None when no file is configured."""
-    return None if path is None else load_tokens(path)[0]
 
 
 def redact_url(url: str) -> str:
@@ -365,7 +359,7 @@ def serve_api(settings: TrainerSettings) -> None:
     """Serve the control plane with uvicorn on ``settings.api_host:api_port`` until interrupted."""
     import uvicorn
 
-    token = load_api_token(settings.api_token_file)
+    token = first_token(settings.api_token_file)
     family = socket.AF_INET6 if ":" in settings.api_host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

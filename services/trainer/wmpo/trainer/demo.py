@@ -25,6 +25,7 @@ from wmpo.common.cli import check_device
 from wmpo.common.errors import UserError
 from wmpo.common.fsutil import atomic_write_text
 from wmpo.common.logs import get_logger
+from wmpo.trainer.progress import advance_to
 
 log = get_logger(__name__)
 app = typer.Typer(help="Run WMPO end to end on the local stack and write a report.")
@@ -72,15 +73,6 @@ PROFILES = {
     ),
 }  # fmt: skip
 HELDOUT_SEED = 900_000  # below the evaluation range, far from the collection seeds
-
-
-def _advance(bar: Any) -> Callable[..., None]:
-    """A training loop's ``on_step(step, ...)`` that moves a tqdm bar to `step`."""
-
-    def on_step(step: int, *_rest: object) -> None:
-        bar.update(step - bar.n)
-
-    return on_step
 
 
 class Stages:
@@ -152,7 +144,7 @@ class Demo:
         steps = self.profile.bc_steps
         config = BCConfig(steps=steps, eval_every=max(1, steps // 4), device=self.device, use_proprio=False)
         with tqdm(total=steps, desc="base policy (imitation)", unit="step") as bar:
-            result = train_bc(self.data, self.work / "policy", config, on_step=_advance(bar))
+            result = train_bc(self.data, self.work / "policy", config, on_step=advance_to(bar))
         info = Registry(self.registry, "policy").publish(result.checkpoint, metadata={"note": "demo base (BC)"})
         return {"steps": result.steps, "train_loss": result.train_loss, "val_losses": result.val_losses,
                 "version": info.version}  # fmt: skip
@@ -168,7 +160,7 @@ class Demo:
                                warmup_steps=min(50, steps // 5))  # fmt: skip
         with tqdm(total=steps, desc="world model", unit="step") as bar:
             result = train_world_model(self.data, self.work / "worldmodel", config,
-                                       on_step=_advance(bar))  # fmt: skip
+                                       on_step=advance_to(bar))  # fmt: skip
         info = Registry(self.registry, "worldmodel").publish(result.checkpoint, metadata={"note": "demo base"})
         return {"steps": result.steps, "train_loss": result.train_loss, "evals": result.evals, "version": info.version}
 
@@ -181,7 +173,7 @@ class Demo:
         steps = self.profile.reward_steps
         config = RewardConfig(steps=steps, threshold=self.profile.success_threshold, device=self.device)
         with tqdm(total=steps, desc="reward model", unit="step") as bar:
-            model, metrics = train_reward(self.data, self.work / "reward", config, on_step=_advance(bar))
+            model, metrics = train_reward(self.data, self.work / "reward", config, on_step=advance_to(bar))
         threshold = self._calibrate(model)
         info = Registry(self.registry, "reward").publish(self.work / "reward", metadata={"note": "demo base"})
         return {"steps": steps, "metrics": metrics, "version": info.version, "threshold": threshold}

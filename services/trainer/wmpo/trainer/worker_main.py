@@ -7,7 +7,7 @@ import os
 import signal
 import socket
 
-from wmpo.common.auth import load_tokens
+from wmpo.common.auth import first_token
 from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import serve_metrics
@@ -32,10 +32,8 @@ def make_queue(settings: TrainerSettings) -> JobQueue:
 
 
 def policy_token(settings: TrainerSettings) -> str | None:
-    if settings.policy_token_file is None:
-        return None
-    tokens = load_tokens(settings.policy_token_file)
-    return tokens[0] if tokens else None
+    """The bearer token workers and the learner send to the policy service (None: no auth)."""
+    return first_token(settings.policy_token_file)
 
 
 async def _export_queue_metrics(queue: JobQueue) -> None:
@@ -51,20 +49,19 @@ async def _main(settings: TrainerSettings, name: str, max_jobs: int | None) -> W
     queue = make_queue(settings)
     policy = PolicyCaller(settings.policy_address, policy_token(settings))
     dream = AsyncDreamClient(settings.dream_address)
+    worker = RolloutWorker(
+        queue,
+        policy,
+        dream,
+        name=name,
+        concurrency=settings.worker_concurrency,
+        episode_timeout_s=settings.episode_timeout_s,
+    )
     try:
         try:
-            spec = await asyncio.wait_for(dream.spec(), 60)
+            await asyncio.wait_for(worker.spec(), 60)  # fail fast, and cache it for the episodes
         except Exception as exc:
             raise UserError(f"the world model at {settings.dream_address} is not reachable: {exc}") from exc
-        worker = RolloutWorker(
-            queue,
-            policy,
-            dream,
-            name=name,
-            concurrency=settings.worker_concurrency,
-            episode_timeout_s=settings.episode_timeout_s,
-        )
-        worker._spec = spec
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
