@@ -85,13 +85,14 @@ def train(
     from wmpo.common.cli import check_device
     from wmpo.common.metrics import serve_metrics
     from wmpo.trainer.learner import Learner, load_run
+    from wmpo.trainer.runs import RunStore
 
     settings, config, rid, text = load_run(config_file, run_id)
     check_device(config.device)
     if settings.metrics_port:
         serve_metrics(settings.metrics_port)
     state = Learner(settings, config, rid, text, progress=progress).run()
-    record = Learner.status(settings, rid)
+    record = RunStore(settings.runs_dir).get(rid)
     typer.echo(
         f"run {rid}: {record.status} after {state.iteration}/{config.iterations} iterations, "
         f"policy version {state.policy_version} ({state.episodes} imagined episodes)"

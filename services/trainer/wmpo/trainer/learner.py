@@ -40,7 +40,7 @@ from wmpo.sim.tasks import get_task
 from wmpo.trainer.episodes import EpisodeJob, EpisodeResult
 from wmpo.trainer.grpo import GRPOConfig, Samples, UpdateStats, group_advantages, grpo_update, keep_group
 from wmpo.trainer.runconfig import RunConfig
-from wmpo.trainer.runs import RunRecord, RunStore
+from wmpo.trainer.runs import RunStore
 from wmpo.trainer.settings import TrainerSettings
 from wmpo.trainer.worker_main import make_queue, policy_token
 from wmpo.worldmodel.client import DreamClient, DreamSpec
@@ -123,11 +123,6 @@ class Learner:
             keep_high=config.keep_high,
         )
         self._stop = False
-
-    @staticmethod
-    def status(settings: TrainerSettings, run_id: str) -> RunRecord:
-        """The run's record as the control plane sees it."""
-        return RunStore(settings.runs_dir).get(run_id)
 
     # -- setup -----------------------------------------------------------------------------------------
     def request_stop(self, *_args: Any) -> None:
