@@ -20,10 +20,11 @@ import torch
 from wmpo.common.net import free_port
 from wmpo.common.triton import TritonPorts
 from wmpo.worldmodel.checkpoint import save_world_model
-from wmpo.worldmodel.client import DreamClient
 from wmpo.worldmodel.model import make_world_model
-from wmpo.worldmodel.reward import RewardModel
-from wmpo.worldmodel.serving import serve_dream
+from wmpo.worldmodel.reward.checkpoint import save_reward_model
+from wmpo.worldmodel.reward.model import RewardModel
+from wmpo.worldmodel.serving.client import WorldModelClient
+from wmpo.worldmodel.serving.triton import serve_dream
 
 
 def in_process_fps(model: torch.nn.Module, size: int, batch: int, steps: int, seconds: float) -> float:
@@ -42,7 +43,7 @@ def triton_fps(url: str, size: int, clients: int, seconds: float) -> float:
     stop = time.perf_counter() + seconds
 
     def run(i: int) -> None:
-        client = DreamClient(url)
+        client = WorldModelClient(url)
         rng = np.random.default_rng(i)
         context = rng.integers(0, 255, (4, size, size, 3), dtype=np.uint8)
         actions = rng.uniform(-1, 1, (8, 4)).astype(np.float32)
@@ -77,7 +78,7 @@ def main() -> None:
         print(f"  {steps} steps  {fps:7.1f} frames/s  (x{fps / base:.2f} of 1 step)")
     with tempfile.TemporaryDirectory() as tmp:
         save_world_model(model, Path(tmp) / "wm", {"steps": 0})
-        RewardModel.create("tiny", size, 8).save(Path(tmp) / "reward")
+        save_reward_model(RewardModel.create("tiny", size, 8), Path(tmp) / "reward")
         ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
         triton, _models, _ = serve_dream(Path(tmp) / "wm", Path(tmp) / "reward", ports, max_batch_size=16,
                                          max_queue_delay_us=5000, bind_address="127.0.0.1")  # fmt: skip

@@ -22,7 +22,7 @@ import numpy as np
 
 from wmpo.common.net import free_port, wait_until
 from wmpo.policy.actions import ActionCodec
-from wmpo.policy.bundle import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle
 from wmpo.policy.model import VLAPolicy, make_config
 from wmpo.policy.tokenizer import build_byte_tokenizer
 from wmpo.robot import PolicyClient

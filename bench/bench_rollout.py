@@ -20,17 +20,18 @@ import torch
 
 from wmpo.common.registry import Registry
 from wmpo.policy.actions import ActionCodec
-from wmpo.policy.bundle import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle
 from wmpo.policy.model import VLAPolicy, make_config
 from wmpo.policy.tokenizer import build_byte_tokenizer
-from wmpo.trainer.episodes import EpisodeJob
-from wmpo.trainer.queue import JobQueue
-from wmpo.trainer.stack import Stack, StackSettings
-from wmpo.trainer.worker import PolicyCaller, RolloutWorker
+from wmpo.stack.cli import Stack, StackSettings
+from wmpo.trainer.rollout.episodes import EpisodeJob
+from wmpo.trainer.rollout.queue import JobQueue
+from wmpo.trainer.rollout.worker import PolicyCaller, RolloutWorker
 from wmpo.worldmodel.checkpoint import save_world_model
-from wmpo.worldmodel.client import AsyncDreamClient
 from wmpo.worldmodel.model import make_world_model
-from wmpo.worldmodel.reward import RewardModel
+from wmpo.worldmodel.reward.checkpoint import save_reward_model
+from wmpo.worldmodel.reward.model import RewardModel
+from wmpo.worldmodel.serving.client import AsyncWorldModelClient
 
 
 def build_registry(root: Path, size: int) -> Path:
@@ -42,7 +43,7 @@ def build_registry(root: Path, size: int) -> Path:
     Registry(registry, "policy").publish(root / "policy")
     save_world_model(make_world_model("tiny", image_size=size), root / "wm", {"steps": 0})
     Registry(registry, "worldmodel").publish(root / "wm")
-    RewardModel.create("tiny", size, 8).save(root / "reward")
+    save_reward_model(RewardModel.create("tiny", size, 8), root / "reward")
     Registry(registry, "reward").publish(root / "reward")
     return registry
 
@@ -56,7 +57,7 @@ def frames_per_second(stack: Stack, concurrency: int, episodes: int, horizon: in
     queue.enqueue_many([(j.job_id, j.to_bytes()) for j in jobs])
 
     async def run() -> float:
-        policy, dream = PolicyCaller(stack.policy_address), AsyncDreamClient(stack.dream_address)
+        policy, dream = PolicyCaller(stack.policy_address), AsyncWorldModelClient(stack.dream_address)
         worker = RolloutWorker(queue, policy, dream, name=tag, concurrency=concurrency)
         began = time.perf_counter()
         stats = await worker.run(max_jobs=episodes)

@@ -9,9 +9,9 @@ import numpy as np
 
 from wmpo.common.tensors import Array
 from wmpo.policy.actions import ActionCodec
-from wmpo.policy.bundle import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle
 from wmpo.policy.model import VLAPolicy, make_config
-from wmpo.policy.server import PolicyServer
+from wmpo.policy.serving.server import PolicyServer
 from wmpo.policy.settings import PolicyServiceSettings
 from wmpo.policy.tokenizer import build_byte_tokenizer
 

@@ -15,13 +15,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {
     "common": ROOT / "services/common/wmpo/common",
     "data": ROOT / "services/common/wmpo/data",
-    "sim": ROOT / "services/common/wmpo/sim",
-    "robot": ROOT / "services/policy/wmpo/robot",
+    "sim": ROOT / "services/sim/wmpo/sim",
+    "robot": ROOT / "services/robot/wmpo/robot",
     "policy": ROOT / "services/policy/wmpo/policy",
     "worldmodel": ROOT / "services/worldmodel/wmpo/worldmodel",
     "trainer": ROOT / "services/trainer/wmpo/trainer",
+    "stack": ROOT / "services/stack/wmpo/stack",
+    "demo": ROOT / "services/demo/wmpo/demo",
 }
 # Which wmpo packages each package may import (wmpo.v1, the generated API, is allowed everywhere).
+# common imports no other wmpo package; stack only common (it runs the others as processes); the trainer
+# neither stack nor demo; nothing imports demo.
 ALLOWED = {
     "common": {"common"},
     "data": {"common", "data"},
@@ -30,7 +34,24 @@ ALLOWED = {
     "policy": {"common", "data", "policy", "robot"},
     "worldmodel": {"common", "data", "worldmodel"},
     "trainer": {"common", "data", "sim", "trainer", "policy", "worldmodel", "robot"},
+    "stack": {"common", "stack"},
+    "demo": {"common", "data", "sim", "robot", "policy", "worldmodel", "trainer", "stack", "demo"},
 }
+
+
+def test_every_package_folder_is_listed() -> None:
+    """A package folder under services/ that the rules do not name would escape them."""
+    found = {p.parent.name for p in ROOT.glob("services/*/wmpo/*/__init__.py")}
+    assert found == set(PACKAGES), found ^ set(PACKAGES)
+    for name, folder in PACKAGES.items():
+        assert (folder / "__init__.py").is_file(), name
+
+
+def test_nothing_imports_the_demo() -> None:
+    importers = {name for name, allowed in ALLOWED.items() if "demo" in allowed and name != "demo"}
+    assert not importers
+    for test in (ROOT / "bench").glob("*.py"):
+        assert "demo" not in _wmpo_imports(test), test
 
 
 def _wmpo_imports(path: Path) -> set[str]:
@@ -59,6 +80,65 @@ def test_import_direction(package: str) -> None:
     assert not offenders, f"wmpo.{package} imports packages it must not: {offenders}"
 
 
+def _module_name(path: Path) -> str:
+    for folder in PACKAGES.values():
+        if path.is_relative_to(folder):
+            rel = path.relative_to(folder.parent).with_suffix("")
+            parts = list(rel.parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            return "wmpo." + ".".join(parts)
+    raise AssertionError(path)
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """wmpo modules imported when `path` is imported (not those imported inside functions)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names if alias.name.startswith("wmpo.")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("wmpo."):
+            found |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+    return found
+
+
+def test_no_import_circles() -> None:
+    """Neither packages nor modules import each other in a circle."""
+    modules = {_module_name(p): p for folder in PACKAGES.values() for p in folder.rglob("*.py")}
+    graph = {
+        name: {m for m in _top_level_imports(path) if m in modules and m != name} for name, path in modules.items()
+    }
+    packages: dict[str, set[str]] = {name: set() for name in PACKAGES}
+    for path in (p for folder in PACKAGES.values() for p in folder.rglob("*.py")):
+        name = _module_name(path).split(".")[1]
+        packages[name] |= _wmpo_imports(path) - {name}
+
+    def cycle(edges: dict[str, set[str]]) -> list[str] | None:
+        state: dict[str, int] = {}
+        stack: list[str] = []
+
+        def visit(node: str) -> list[str] | None:
+            state[node] = 1
+            stack.append(node)
+            for nxt in sorted(edges.get(node, ())):
+                if state.get(nxt) == 1:
+                    return [*stack[stack.index(nxt) :], nxt]
+                if nxt not in state and (found := visit(nxt)):
+                    return found
+            stack.pop()
+            state[node] = 2
+            return None
+
+        for node in sorted(edges):
+            if node not in state and (found := visit(node)):
+                return found
+        return None
+
+    assert cycle(packages) is None, f"packages import each other in a circle: {cycle(packages)}"
+    assert cycle(graph) is None, f"modules import each other in a circle: {cycle(graph)}"
+
+
 def test_robot_client_imports_with_only_grpcio_protobuf_numpy(tmp_path: Path) -> None:
     """A real venv with only grpcio, protobuf and numpy (and their own dependencies) can use the client."""
     from importlib import metadata
@@ -74,7 +154,7 @@ def test_robot_client_imports_with_only_grpcio_protobuf_numpy(tmp_path: Path) ->
     assert install.returncode == 0, install.stderr
     # The wmpo sources on the path, as an installed wheel would put them (no extras, no dependencies).
     site = next((venv / "lib").glob("python3*/site-packages"))
-    roots = [ROOT / "proto", ROOT / "services/common", ROOT / "services/policy"]
+    roots = [ROOT / "proto", ROOT / "services/common", ROOT / "services/robot"]
     (site / "wmpo-src.pth").write_text("\n".join(map(str, roots)) + "\n")
     code = textwrap.dedent(
         """

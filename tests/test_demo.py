@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from wmpo.trainer.supervisor import is_running, port_free
+from wmpo.stack.supervisor import is_running, port_free
 
 WMPO = [sys.executable, "-m", "wmpo.common.cli"]
 pytestmark = [pytest.mark.triton, pytest.mark.redis]

@@ -45,7 +45,7 @@ from wmpo.common.errors import UserError
 from wmpo.common.grpc_server import GrpcServer
 from wmpo.common.net import free_port
 from wmpo.sim.tasks import TASKS
-from wmpo.trainer.queue import JobQueue
+from wmpo.trainer.rollout.queue import JobQueue
 from wmpo.trainer.runconfig import RunConfig
 from wmpo.trainer.settings import TrainerSettings
 

@@ -19,21 +19,22 @@ from wmpo.common.tensors import from_proto, to_proto
 from wmpo.common.triton import TritonPorts
 from wmpo.v1 import imagination_pb2, imagination_pb2_grpc
 from wmpo.worldmodel.checkpoint import save_world_model
-from wmpo.worldmodel.client import DreamClient
-from wmpo.worldmodel.imagination import ImaginationServicer, SessionLimits
 from wmpo.worldmodel.model import make_world_model, to_model_frames, to_uint8_frames
-from wmpo.worldmodel.reward import RewardModel
-from wmpo.worldmodel.serving import DreamModels, serve_dream
+from wmpo.worldmodel.reward.checkpoint import save_reward_model
+from wmpo.worldmodel.reward.model import RewardModel
+from wmpo.worldmodel.serving.client import RewardClient, WorldModelClient
+from wmpo.worldmodel.serving.imagination import ImaginationServicer, SessionLimits
+from wmpo.worldmodel.serving.triton import ServedModels, serve_dream
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def dream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonPorts, DreamModels, Path]]:
+def dream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonPorts, ServedModels, Path]]:
     root = tmp_path_factory.mktemp("dream")
     torch.manual_seed(0)
     save_world_model(make_world_model("tiny", image_size=SIZE), root / "wm", {"steps": 0})
-    RewardModel.create("tiny", SIZE, 8).save(root / "reward")
+    save_reward_model(RewardModel.create("tiny", SIZE, 8), root / "reward")
     ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
     triton, models, _watcher = serve_dream(root / "wm", root / "reward", ports, max_batch_size=16,
                                            max_queue_delay_us=20_000, bind_address="127.0.0.1")  # fmt: skip
@@ -49,9 +50,9 @@ def _inputs(seed: int = 0) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
 
 
 @pytest.mark.triton
-def test_dream_over_grpc_matches_in_process(dream: tuple[TritonPorts, DreamModels, Path]) -> None:
+def test_dream_over_grpc_matches_in_process(dream: tuple[TritonPorts, ServedModels, Path]) -> None:
     ports, models, _root = dream
-    client = DreamClient(ports.grpc_url)
+    client = WorldModelClient(ports.grpc_url)
     spec = client.spec()
     assert (spec.context_frames, spec.future_frames, spec.image_size, spec.action_dim, spec.clip_len) == (
         4,
@@ -67,20 +68,20 @@ def test_dream_over_grpc_matches_in_process(dream: tuple[TritonPorts, DreamModel
     local = model.sample(to_model_frames(torch.from_numpy(context))[None], torch.from_numpy(actions)[None],
                          steps=models.sampler_steps, generator=[torch.Generator().manual_seed(7)])  # fmt: skip
     np.testing.assert_array_equal(to_uint8_frames(local)[0].numpy(), frames)
-    probs = client.success(np.stack([frames, frames]))
+    probs = RewardClient.beside(client).probability(np.stack([frames, frames]))
     assert probs.shape == (2,) and ((probs >= 0) & (probs <= 1)).all()
     client.close()
 
 
 @pytest.mark.triton
-def test_concurrent_requests_are_batched_by_triton(dream: tuple[TritonPorts, DreamModels, Path]) -> None:
+def test_concurrent_requests_are_batched_by_triton(dream: tuple[TritonPorts, ServedModels, Path]) -> None:
     ports, _models, _root = dream
     before = _triton_counts(ports)
     errors: list[BaseException] = []
 
     def call(i: int) -> None:
         try:
-            with_client = DreamClient(ports.grpc_url)
+            with_client = WorldModelClient(ports.grpc_url)
             with_client.imagine(*_inputs(i), seed=i)
             with_client.close()
         except BaseException as exc:
@@ -113,10 +114,12 @@ def _triton_counts(ports: TritonPorts) -> tuple[int, int]:
 
 @pytest.fixture
 def imagination(
-    dream: tuple[TritonPorts, DreamModels, Path], redis_url: str, grpc_server: Callable[..., GrpcServer]
+    dream: tuple[TritonPorts, ServedModels, Path], redis_url: str, grpc_server: Callable[..., GrpcServer]
 ) -> Iterator[imagination_pb2_grpc.ImaginationStub]:
     ports, _models, _root = dream
-    servicer = ImaginationServicer(DreamClient(ports.grpc_url), redis_url, SessionLimits(ttl_s=2, default_horizon=12))
+    servicer = ImaginationServicer(
+        WorldModelClient(ports.grpc_url), redis_url, SessionLimits(ttl_s=2, default_horizon=12)
+    )
     server = grpc_server([lambda s: imagination_pb2_grpc.add_ImaginationServicer_to_server(servicer, s)])
     with grpc.insecure_channel(server.address) as channel:
         yield imagination_pb2_grpc.ImaginationStub(channel)
@@ -203,10 +206,10 @@ def test_sessions_expire_and_bad_input_is_rejected(imagination: imagination_pb2_
 
 @pytest.mark.triton
 def test_a_published_world_model_is_swapped_in_without_restarting_triton(
-    dream: tuple[TritonPorts, DreamModels, Path], tmp_path: Path
+    dream: tuple[TritonPorts, ServedModels, Path], tmp_path: Path
 ) -> None:
     from wmpo.common.registry import Registry
-    from wmpo.worldmodel.serving import WorldModelWatcher
+    from wmpo.worldmodel.serving.triton import WorldModelWatcher
 
     ports, models, root = dream
     original = models.world
@@ -218,7 +221,7 @@ def test_a_published_world_model_is_swapped_in_without_restarting_triton(
     watcher = WorldModelWatcher(models, registry, "cpu")
     try:
         assert watcher.refresh() and models.world.version == 2
-        client = DreamClient(ports.grpc_url)
+        client = WorldModelClient(ports.grpc_url)
         _frames, version = client.imagine(*_inputs(), seed=7)
         assert version == 2
         client.close()
@@ -230,15 +233,15 @@ def test_a_published_world_model_is_swapped_in_without_restarting_triton(
 
 
 @pytest.mark.triton
-def test_async_client_for_rollout_workers(dream: tuple[TritonPorts, DreamModels, Path]) -> None:
+def test_async_client_for_rollout_workers(dream: tuple[TritonPorts, ServedModels, Path]) -> None:
     import asyncio
 
-    from wmpo.worldmodel.client import AsyncDreamClient
+    from wmpo.worldmodel.serving.client import AsyncWorldModelClient
 
     ports, _models, _root = dream
 
     async def run() -> tuple[list[tuple[np.ndarray[Any, Any], int]], Any]:
-        client = AsyncDreamClient(ports.grpc_url)
+        client = AsyncWorldModelClient(ports.grpc_url)
         try:
             spec = await client.spec()
             results = await asyncio.gather(*(client.imagine(*_inputs(i), seed=i) for i in range(4)))
@@ -248,7 +251,7 @@ def test_async_client_for_rollout_workers(dream: tuple[TritonPorts, DreamModels,
 
     results, spec = asyncio.run(run())
     assert spec.future_frames == 8 and all(frames.shape == (8, SIZE, SIZE, 3) for frames, _v in results)
-    sync = DreamClient(ports.grpc_url)
+    sync = WorldModelClient(ports.grpc_url)
     np.testing.assert_array_equal(sync.imagine(*_inputs(2), seed=2)[0], results[2][0])
     sync.close()
 
@@ -256,7 +259,10 @@ def test_async_client_for_rollout_workers(dream: tuple[TritonPorts, DreamModels,
 @pytest.mark.triton
 @pytest.mark.redis
 def test_reset_from_a_dataset_start_state(
-    dream: tuple[TritonPorts, DreamModels, Path], redis_url: str, grpc_server: Callable[..., GrpcServer], tmp_path: Path
+    dream: tuple[TritonPorts, ServedModels, Path],
+    redis_url: str,
+    grpc_server: Callable[..., GrpcServer],
+    tmp_path: Path,
 ) -> None:
     from wmpo.data import TrajectoryDataset
     from wmpo.sim.rollout import run_many
@@ -266,7 +272,9 @@ def test_reset_from_a_dataset_start_state(
     ports, _models, _root = dream
     list(run_many(get_task("reach"), SourceSpec("expert"), [3], image_size=SIZE, out_dir=tmp_path / "data"))
     episode = TrajectoryDataset(tmp_path / "data").episode(0)
-    servicer = ImaginationServicer(DreamClient(ports.grpc_url), redis_url, SessionLimits(), dataset=tmp_path / "data")
+    servicer = ImaginationServicer(
+        WorldModelClient(ports.grpc_url), redis_url, SessionLimits(), dataset=tmp_path / "data"
+    )
     server = grpc_server([lambda s: imagination_pb2_grpc.add_ImaginationServicer_to_server(servicer, s)])
     with grpc.insecure_channel(server.address) as channel:
         stub = imagination_pb2_grpc.ImaginationStub(channel)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from policy_fixtures import make_checkpoint
 
-from wmpo.policy.bundle import PolicyBundle
-from wmpo.trainer.episodes import EpisodeJob, EpisodeResult, MessageError, pack, unpack
+from wmpo.policy.checkpoint import PolicyBundle
 from wmpo.trainer.grpo import GRPOConfig, Samples, clipped_loss, group_advantages, grpo_update, keep_group
+from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult, MessageError, pack, unpack
 
 
 def test_group_advantages_by_hand() -> None:

@@ -12,9 +12,9 @@ from policy_fixtures import make_checkpoint, observation
 from wmpo.common.errors import UserError
 from wmpo.common.tensors import Array
 from wmpo.policy.actions import ActionCodec
-from wmpo.policy.bundle import PolicyBundle, PolicyInputs
+from wmpo.policy.checkpoint import PolicyBundle, PolicyInputs
 from wmpo.policy.tokenizer import build_byte_tokenizer, load_tokenizer
-from wmpo.policy.train_bc import BCConfig, train_bc
+from wmpo.policy.train import BCConfig, train_bc
 
 
 @pytest.fixture(scope="module")

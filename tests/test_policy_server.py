@@ -18,8 +18,8 @@ from policy_fixtures import make_checkpoint, observation, start_server
 from wmpo.common.net import free_port
 from wmpo.common.registry import Registry
 from wmpo.common.tensors import Array, encode_image, to_proto
-from wmpo.policy.bundle import PolicyBundle
-from wmpo.policy.server import PolicyServer
+from wmpo.policy.checkpoint import PolicyBundle
+from wmpo.policy.serving.server import PolicyServer
 from wmpo.robot import PolicyClient, PolicyClientError
 from wmpo.v1 import policy_pb2
 

@@ -13,7 +13,7 @@ import redis
 from prometheus_client import REGISTRY
 
 from wmpo.common.net import wait_until
-from wmpo.trainer.queue import Job, JobQueue, QueueFullError
+from wmpo.trainer.rollout.queue import Job, JobQueue, QueueFullError
 
 pytestmark = pytest.mark.redis
 

@@ -22,9 +22,9 @@ from wmpo.common.errors import UserError
 from wmpo.common.net import free_port
 from wmpo.common.redis_server import ping
 from wmpo.common.registry import Registry
+from wmpo.stack.cli import Stack, StackSettings
+from wmpo.stack.supervisor import group_members, is_running, port_free
 from wmpo.trainer.settings import TrainerSettings
-from wmpo.trainer.stack import Stack, StackSettings
-from wmpo.trainer.supervisor import group_members, is_running, port_free
 
 SIZE = 32
 PORT_KEYS = ("redis_port", "triton_grpc_port", "triton_http_port", "triton_metrics_port", "policy_port",
@@ -38,12 +38,13 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from wmpo.worldmodel.checkpoint import save_world_model
     from wmpo.worldmodel.model import make_world_model
-    from wmpo.worldmodel.reward import RewardModel
+    from wmpo.worldmodel.reward.checkpoint import save_reward_model
+    from wmpo.worldmodel.reward.model import RewardModel
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     save_world_model(make_world_model("tiny", image_size=SIZE), root / "wm", {"steps": 0})
-    RewardModel.create("tiny", SIZE, 8).save(root / "reward")
+    save_reward_model(RewardModel.create("tiny", SIZE, 8), root / "reward")
     make_checkpoint(root / "policy")
     reg = root / "registry"
     Registry(reg, "worldmodel").publish(root / "wm")
@@ -121,9 +122,9 @@ def test_up_status_logs_down_leave_nothing_behind(registry: Path, tmp_path: Path
         assert shown["worker-1"]["ports"] == {"metrics": ports["worker_metrics_port"] + 1}
 
         stack = Stack(StackSettings(dir=state))
-        from wmpo.worldmodel.client import DreamClient
+        from wmpo.worldmodel.serving.client import WorldModelClient
 
-        dream = DreamClient(stack.dream_address)
+        dream = WorldModelClient(stack.dream_address)
         assert dream.spec().image_size == SIZE  # the registry's world model, served by Triton
         dream.close()
         assert stack.redis_url == f"redis://127.0.0.1:{ports['redis_port']}/0"

@@ -24,18 +24,19 @@ from wmpo.common.redis_server import RedisServer
 from wmpo.common.registry import Registry
 from wmpo.common.triton import TritonPorts
 from wmpo.data.dataset import TrajectoryDataset
-from wmpo.policy.server import PolicyServer
+from wmpo.policy.serving.server import PolicyServer
 from wmpo.robot.client import PolicyClient
 from wmpo.sim.rollout import run_many
 from wmpo.sim.sources import SourceSpec
 from wmpo.sim.tasks import get_task
-from wmpo.trainer.episodes import EpisodeJob, EpisodeResult
-from wmpo.trainer.queue import JobQueue
+from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult
+from wmpo.trainer.rollout.queue import JobQueue
 from wmpo.worldmodel.checkpoint import save_world_model
-from wmpo.worldmodel.client import DreamClient
 from wmpo.worldmodel.model import make_world_model
-from wmpo.worldmodel.reward import RewardModel
-from wmpo.worldmodel.serving import serve_dream
+from wmpo.worldmodel.reward.checkpoint import save_reward_model
+from wmpo.worldmodel.reward.model import RewardModel
+from wmpo.worldmodel.serving.client import WorldModelClient
+from wmpo.worldmodel.serving.triton import serve_dream
 
 SIZE = 32
 WMPO = [sys.executable, "-m", "wmpo.common.cli"]
@@ -67,7 +68,7 @@ def services(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
     torch.manual_seed(0)
     save_world_model(make_world_model("tiny", image_size=SIZE), root / "wm", {"steps": 0})
     Registry(registry, "worldmodel").publish(root / "wm")
-    RewardModel.create("tiny", SIZE, 8).save(root / "reward")
+    save_reward_model(RewardModel.create("tiny", SIZE, 8), root / "reward")
     Registry(registry, "reward").publish(root / "reward")
     ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
     triton, _models, watcher = serve_dream(None, None, ports, registry=str(registry), max_batch_size=16,
@@ -150,7 +151,7 @@ def test_two_iterations_publish_versions_that_the_policy_server_serves(services:
     assert records[0]["align_world_model_version"] == 2 and records[0]["align_reward_version"] == 2
     assert records[1]["world_model_version"] == 2  # the second iteration imagined with the aligned world model
     assert len(TrajectoryDataset(services.dataset)) == episodes_before + 2
-    dream = DreamClient(f"127.0.0.1:{services.triton.grpc}")
+    dream = WorldModelClient(f"127.0.0.1:{services.triton.grpc}")
     _frames, served = dream.imagine(np.zeros((4, SIZE, SIZE, 3), np.uint8), np.zeros((8, 4), np.float32), 0)
     dream.close()
     assert served == 2

@@ -23,9 +23,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from wmpo.common.media import write_gif
 from wmpo.common.net import free_port, port_is_open, wait_until
 from wmpo.common.registry import Registry
-from wmpo.trainer.api import create_app
-from wmpo.trainer.plots import svg_lines, svg_plot
-from wmpo.trainer.runs import DIED_ERROR, InvalidRunIdError, RunExistsError, RunNotFoundError, RunStore, pid_alive
+from wmpo.trainer.control.api import create_app
+from wmpo.trainer.control.plots import svg_lines, svg_plot
+from wmpo.trainer.control.runs import (
+    DIED_ERROR,
+    InvalidRunIdError,
+    RunExistsError,
+    RunNotFoundError,
+    RunStore,
+    pid_alive,
+)
 from wmpo.trainer.settings import TrainerSettings
 
 TOKEN = "s3cret-token"
@@ -36,7 +43,7 @@ RUN_YAML = "trainer:\n  redis_url: redis://127.0.0.1:1/0\nrun:\n  task: button-p
 FAKE_LEARNER = """
 import os, signal, sys, time
 from pathlib import Path
-from wmpo.trainer.runs import RunStore
+from wmpo.trainer.control.runs import RunStore
 args = sys.argv[1:]
 config = Path(args[args.index("--config") + 1])
 run_id = args[args.index("--run-id") + 1]

@@ -10,9 +10,11 @@ import torch
 
 from wmpo.data import TrajectoryDataset
 from wmpo.worldmodel.checkpoint import load_world_model, save_world_model
-from wmpo.worldmodel.fidelity import evaluate_fidelity, psnr, ssim
+from wmpo.worldmodel.metrics import evaluate_fidelity, psnr, ssim
 from wmpo.worldmodel.model import make_world_model
-from wmpo.worldmodel.reward import RewardConfig, RewardModel, auroc, classification_metrics, train_reward
+from wmpo.worldmodel.reward.checkpoint import load_reward_model
+from wmpo.worldmodel.reward.metrics import auroc, classification_metrics
+from wmpo.worldmodel.reward.train import RewardConfig, train_reward
 from wmpo.worldmodel.train import WMTrainConfig, train_world_model
 
 
@@ -78,7 +80,7 @@ def test_reward_model_separates_success_from_failure(small_data: Path, tmp_path:
     config = RewardConfig(steps=120, batch_size=16, lr=1e-3, val_fraction=0.0, threshold=0.5)
     reward, metrics = train_reward(small_data, tmp_path / "reward", config)
     assert metrics["auroc"] > 0.9, metrics
-    loaded = RewardModel.load(tmp_path / "reward")
+    loaded = load_reward_model(tmp_path / "reward")
     assert loaded.threshold == 0.5 and loaded.clip_len == 8
     clips = TrajectoryDataset(small_data).reward_clips(8)
     np.testing.assert_allclose(

@@ -37,7 +37,7 @@ def train_bc_command(
     """Train the VLA by imitation (behaviour cloning) on a trajectory dataset."""
     from tqdm import tqdm
 
-    from wmpo.policy.train_bc import BCConfig, train_bc
+    from wmpo.policy.train import BCConfig, train_bc
 
     check_device(device)
     if not data.is_dir():
@@ -92,7 +92,7 @@ def serve(
     config_file: Annotated[Path | None, typer.Option("--config", help="YAML settings file.")] = None,
 ) -> None:
     """Serve the `wmpo.v1.Policy` gRPC API (Act, StreamAct, ListVersions, GetPolicyInfo)."""
-    from wmpo.policy.server import PolicyServer
+    from wmpo.policy.serving.server import PolicyServer
 
     settings = PolicyServiceSettings.load(
         config_file,
@@ -125,7 +125,7 @@ def publish(
 ) -> None:
     """Publish a checkpoint as the next policy version (moves `latest`)."""
     from wmpo.common.registry import Registry
-    from wmpo.policy.bundle import PolicyBundle
+    from wmpo.policy.checkpoint import PolicyBundle
 
     PolicyBundle.load(checkpoint)  # refuse what would not load
     info = Registry(registry, "policy", redis_url=redis).publish(checkpoint, {"note": note} if note else {})

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from wmpo.common.tensors import Array
-from wmpo.policy.bundle import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle
 
 
 class CheckpointSource:

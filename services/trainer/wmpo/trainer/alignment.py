@@ -21,12 +21,12 @@ from wmpo.common.registry import Registry
 from wmpo.sim.rollout import run_many
 from wmpo.sim.sources import SourceSpec
 from wmpo.sim.tasks import EVAL_SEED_OFFSET, get_task
+from wmpo.trainer.connections import policy_token
 from wmpo.trainer.progress import advance_to
 from wmpo.trainer.runconfig import RunConfig
 from wmpo.trainer.settings import TrainerSettings
-from wmpo.trainer.worker_main import policy_token
-from wmpo.worldmodel.client import DreamClient, DreamSpec
-from wmpo.worldmodel.reward import RewardConfig, train_reward
+from wmpo.worldmodel.reward.train import RewardConfig, train_reward
+from wmpo.worldmodel.serving.client import WorldModelClient, WorldModelSpec
 from wmpo.worldmodel.train import WMTrainConfig, train_world_model
 
 log = get_logger(__name__)
@@ -46,7 +46,7 @@ def align(
     run_dir: Path,
     version: int,
     iteration: int,
-    spec: DreamSpec,
+    spec: WorldModelSpec,
     *,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -113,10 +113,10 @@ def align(
     return result
 
 
-def wait_world_model(address: str, version: int, spec: DreamSpec, timeout_s: float) -> float:
+def wait_world_model(address: str, version: int, spec: WorldModelSpec, timeout_s: float) -> float:
     """Block until Triton's `dream` answers with world-model `version` (its watcher hot-swaps it)."""
     began = time.monotonic()
-    client = DreamClient(address, timeout=30)
+    client = WorldModelClient(address, timeout=30)
     context = np.zeros((spec.context_frames, spec.image_size, spec.image_size, spec.channels), np.uint8)
     actions = np.zeros((spec.future_frames, spec.action_dim), np.float32)
     try:

@@ -30,7 +30,7 @@ def worker(
     config_file: ConfigOpt = None,
 ) -> None:
     """A rollout worker: imagined episodes from the Redis queue, policy <-> world model, results back."""
-    from wmpo.trainer.worker_main import run_worker
+    from wmpo.trainer.rollout.runner import run_worker
 
     settings = TrainerSettings.load(
         config_file,
@@ -56,7 +56,7 @@ def api(
     config_file: ConfigOpt = None,
 ) -> None:
     """The control plane: HTTP API and dashboard for runs and versions (OpenAPI docs at /docs)."""
-    from wmpo.trainer.api import serve_api
+    from wmpo.trainer.control.api import serve_api
 
     settings = TrainerSettings.load(
         config_file,
@@ -84,8 +84,8 @@ def train(
     """Run WMPO: imagined GRPO iterations through the rollout workers, publishing a policy version each."""
     from wmpo.common.cli import check_device
     from wmpo.common.metrics import serve_metrics
+    from wmpo.trainer.control.runs import RunStore
     from wmpo.trainer.learner import Learner, load_run
-    from wmpo.trainer.runs import RunStore
 
     settings, config, rid, text = load_run(config_file, run_id)
     check_device(config.device)

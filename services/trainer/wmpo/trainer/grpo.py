@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from wmpo.common.tensors import Array
-from wmpo.policy.bundle import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle
 from wmpo.policy.model import scaled_log_probs
 
 

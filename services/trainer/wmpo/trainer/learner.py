@@ -34,16 +34,16 @@ from wmpo.common.media import write_gif
 from wmpo.common.metrics import gauge
 from wmpo.common.registry import Registry, VersionNotFoundError
 from wmpo.data.dataset import TrajectoryDataset
-from wmpo.policy.bundle import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle
 from wmpo.robot.client import PolicyClient, PolicyClientError
 from wmpo.sim.tasks import get_task
-from wmpo.trainer.episodes import EpisodeJob, EpisodeResult
+from wmpo.trainer.connections import make_queue, policy_token
+from wmpo.trainer.control.runs import RunStore
 from wmpo.trainer.grpo import GRPOConfig, Samples, UpdateStats, group_advantages, grpo_update, keep_group
+from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult
 from wmpo.trainer.runconfig import RunConfig
-from wmpo.trainer.runs import RunStore
 from wmpo.trainer.settings import TrainerSettings
-from wmpo.trainer.worker_main import make_queue, policy_token
-from wmpo.worldmodel.client import DreamClient, DreamSpec
+from wmpo.worldmodel.serving.client import WorldModelClient, WorldModelSpec
 
 log = get_logger(__name__)
 RUN_GAUGES = (
@@ -143,8 +143,8 @@ class Learner:
             raise UserError(f"run.dataset {self.config.dataset} holds no readable episodes")
         return dataset, dataset.start_states()
 
-    def _dream_spec(self) -> DreamSpec:
-        client = DreamClient(self.settings.dream_address, timeout=30)
+    def _dream_spec(self) -> WorldModelSpec:
+        client = WorldModelClient(self.settings.dream_address, timeout=30)
         try:
             return client.spec()
         except Exception as exc:
@@ -244,7 +244,7 @@ class Learner:
         state: RunState,
         dataset: TrajectoryDataset,
         starts: list[tuple[str, int]],
-        spec: DreamSpec,
+        spec: WorldModelSpec,
         bundle: PolicyBundle,
         optimizer: torch.optim.Optimizer,
         client: PolicyClient,
@@ -317,7 +317,7 @@ class Learner:
 
     # -- pieces ----------------------------------------------------------------------------------------
     def _jobs(
-        self, it: int, version: int, dataset: TrajectoryDataset, starts: list[tuple[str, int]], spec: DreamSpec
+        self, it: int, version: int, dataset: TrajectoryDataset, starts: list[tuple[str, int]], spec: WorldModelSpec
     ) -> list[EpisodeJob]:
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, it])
@@ -498,7 +498,7 @@ class Learner:
                     result.frames, videos / f"it{it + 1:04d}-g{result.group:02d}-e{result.index:02d}-{outcome}.gif"
                 )
 
-    def _align(self, state: RunState, spec: DreamSpec) -> dict[str, Any]:
+    def _align(self, state: RunState, spec: WorldModelSpec) -> dict[str, Any]:
         from wmpo.trainer.alignment import align
 
         out = align(

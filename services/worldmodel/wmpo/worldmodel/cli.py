@@ -80,7 +80,7 @@ def evaluate(
     """Open-loop fidelity: PSNR/SSIM at horizons 1, 8, 16, 32 next to copy-last-frame."""
     from wmpo.data.dataset import TrajectoryDataset
     from wmpo.worldmodel.checkpoint import load_world_model
-    from wmpo.worldmodel.fidelity import evaluate_fidelity
+    from wmpo.worldmodel.metrics import evaluate_fidelity
 
     check_device(device)
     model, _ = load_world_model(checkpoint, device)
@@ -116,7 +116,7 @@ def serve(
     import threading
 
     from wmpo.common.triton import TritonPorts
-    from wmpo.worldmodel.serving import serve_dream
+    from wmpo.worldmodel.serving.triton import serve_dream
 
     settings = WorldModelServiceSettings.load(config_file, checkpoint=checkpoint, reward_checkpoint=reward)
     check_device(settings.device)
@@ -154,14 +154,14 @@ def imagination(
     from wmpo.common.auth import BearerTokenInterceptor, load_tokens
     from wmpo.common.grpc_server import GrpcServer
     from wmpo.v1 import imagination_pb2_grpc
-    from wmpo.worldmodel.client import DreamClient
-    from wmpo.worldmodel.imagination import SERVICE_NAME, ImaginationServicer, SessionLimits
+    from wmpo.worldmodel.serving.client import WorldModelClient
+    from wmpo.worldmodel.serving.imagination import SERVICE_NAME, ImaginationServicer, SessionLimits
 
     settings = WorldModelServiceSettings.load(config_file, triton_url=triton, redis_url=redis, imagination_port=port)
     limits = SessionLimits(
         settings.session_ttl_s, settings.max_sessions, settings.default_horizon, settings.success_threshold
     )
-    servicer = ImaginationServicer(DreamClient(settings.triton_url), settings.redis_url, limits, dataset=data)
+    servicer = ImaginationServicer(WorldModelClient(settings.triton_url), settings.redis_url, limits, dataset=data)
     interceptors = [BearerTokenInterceptor(load_tokens(auth_tokens))] if auth_tokens else []
     server = GrpcServer(
         [lambda s: imagination_pb2_grpc.add_ImaginationServicer_to_server(servicer, s)],
@@ -197,10 +197,10 @@ def reward_publish(
 ) -> None:
     """Publish a reward-model checkpoint as the next version (a Triton serving from the registry swaps it in)."""
     from wmpo.common.registry import Registry
-    from wmpo.worldmodel.reward import RewardModel
+    from wmpo.worldmodel.reward.checkpoint import load_reward_model
 
     try:
-        RewardModel.load(checkpoint)
+        load_reward_model(checkpoint)
     except (OSError, ValueError) as exc:
         raise UserError(f"{checkpoint} is not a reward-model checkpoint: {exc}") from exc
     info = Registry(registry, "reward").publish(checkpoint)
@@ -220,7 +220,7 @@ def reward_train(
     """Train the VideoMAE success classifier on the dataset's clips."""
     from tqdm import tqdm
 
-    from wmpo.worldmodel.reward import RewardConfig, train_reward
+    from wmpo.worldmodel.reward.train import RewardConfig, train_reward
 
     check_device(device)
     bar = tqdm(total=steps, desc="reward", unit="step")
@@ -243,9 +243,10 @@ def reward_eval(
 ) -> None:
     """Accuracy, precision, recall, F1 and AUROC on every clip of a dataset."""
     from wmpo.data.dataset import TrajectoryDataset
-    from wmpo.worldmodel.reward import RewardModel, evaluate_clips
+    from wmpo.worldmodel.reward.checkpoint import load_reward_model
+    from wmpo.worldmodel.reward.metrics import evaluate_clips
 
-    reward = RewardModel.load(checkpoint)
+    reward = load_reward_model(checkpoint)
     clips = TrajectoryDataset(data).reward_clips(reward.clip_len)
     metrics = evaluate_clips(reward, clips, list(range(len(clips))))
     typer.echo(

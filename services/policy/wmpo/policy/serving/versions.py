@@ -19,7 +19,7 @@ from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import counter, gauge
 from wmpo.common.registry import CorruptVersionError, Registry, VersionInfo, VersionNotFoundError, directory_sha256
-from wmpo.policy.bundle import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle
 
 log = get_logger(__name__)
 LOADED_VERSION = gauge("policy_current_version", "Policy version answering unpinned requests.")

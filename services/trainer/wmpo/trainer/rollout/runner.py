@@ -7,33 +7,17 @@ import os
 import signal
 import socket
 
-from wmpo.common.auth import first_token
 from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import serve_metrics
-from wmpo.trainer.queue import JobQueue
+from wmpo.trainer.connections import make_queue, policy_token
+from wmpo.trainer.rollout.queue import JobQueue
+from wmpo.trainer.rollout.worker import PolicyCaller, RolloutWorker, WorkerStats
 from wmpo.trainer.settings import TrainerSettings
-from wmpo.trainer.worker import PolicyCaller, RolloutWorker, WorkerStats
-from wmpo.worldmodel.client import AsyncDreamClient
+from wmpo.worldmodel.serving.client import AsyncWorldModelClient
 
 log = get_logger(__name__)
 QUEUE_METRICS_EVERY_S = 5.0
-
-
-def make_queue(settings: TrainerSettings) -> JobQueue:
-    """The job queue the settings describe (one Redis connection pool, shared by threads)."""
-    return JobQueue(
-        settings.redis_url,
-        settings.queue_name,
-        max_len=settings.queue_max_len,
-        visibility_timeout_s=settings.visibility_timeout_s,
-        max_attempts=settings.max_attempts,
-    )
-
-
-def policy_token(settings: TrainerSettings) -> str | None:
-    """The bearer token workers and the learner send to the policy service (None: no auth)."""
-    return first_token(settings.policy_token_file)
 
 
 async def _export_queue_metrics(queue: JobQueue) -> None:
@@ -48,7 +32,7 @@ async def _export_queue_metrics(queue: JobQueue) -> None:
 async def _main(settings: TrainerSettings, name: str, max_jobs: int | None) -> WorkerStats:
     queue = make_queue(settings)
     policy = PolicyCaller(settings.policy_address, policy_token(settings))
-    dream = AsyncDreamClient(settings.dream_address)
+    dream = AsyncWorldModelClient(settings.dream_address)
     worker = RolloutWorker(
         queue,
         policy,

@@ -21,7 +21,7 @@ from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
 from wmpo.data.dataset import PolicySamples, TrajectoryDataset, split_episodes
 from wmpo.policy.actions import ActionCodec
-from wmpo.policy.bundle import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle
 from wmpo.policy.model import VLAPolicy, make_config
 from wmpo.policy.tokenizer import build_byte_tokenizer
 

@@ -19,10 +19,10 @@ from wmpo.common.logs import get_logger
 from wmpo.common.metrics import counter, histogram, serve_metrics
 from wmpo.common.registry import Registry, VersionNotFoundError
 from wmpo.common.tensors import TensorError, to_proto
-from wmpo.policy.batcher import MicroBatcher, QueueFullError
-from wmpo.policy.observation import DecodedObservation, decode_observation
+from wmpo.policy.serving.batcher import MicroBatcher, QueueFullError
+from wmpo.policy.serving.observation import DecodedObservation, decode_observation
+from wmpo.policy.serving.versions import NoModelError, Resident, VersionManager, VersionUnavailableError
 from wmpo.policy.settings import PolicyServiceSettings
-from wmpo.policy.versions import NoModelError, Resident, VersionManager, VersionUnavailableError
 from wmpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 log = get_logger(__name__)

@@ -24,11 +24,11 @@ from wmpo.common.logs import get_logger
 from wmpo.common.metrics import counter, gauge, histogram
 from wmpo.common.tensors import Array
 from wmpo.robot.client import make_observation, parse_address, parse_chunk
-from wmpo.trainer.episodes import EpisodeJob, EpisodeResult
-from wmpo.trainer.queue import Job, JobQueue
+from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult
+from wmpo.trainer.rollout.queue import Job, JobQueue
 from wmpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc
-from wmpo.worldmodel.client import AsyncDreamClient, DreamSpec
-from wmpo.worldmodel.dreaming import cut_chunk, roll_buffers, start_buffers, trailing_clips
+from wmpo.worldmodel.rollout_rules import cut_chunk, roll_buffers, start_buffers, trailing_clips
+from wmpo.worldmodel.serving.client import AsyncRewardClient, AsyncWorldModelClient, WorldModelSpec
 
 log = get_logger(__name__)
 
@@ -108,7 +108,12 @@ class PolicyCaller:
 
 
 async def imagine_episode(
-    job: EpisodeJob, policy: PolicyCaller, dream: AsyncDreamClient, spec: DreamSpec, camera: str
+    job: EpisodeJob,
+    policy: PolicyCaller,
+    world_model: AsyncWorldModelClient,
+    reward: AsyncRewardClient,
+    spec: WorldModelSpec,
+    camera: str,
 ) -> EpisodeResult:
     """Alternate policy chunks and dreamed frames until the reward model says success or the horizon ends."""
     if job.horizon <= 0:
@@ -140,8 +145,8 @@ async def imagine_episode(
                 f"({spec.future_frames}, {spec.action_dim})"
             )
         t1 = time.monotonic()
-        new_frames, wm_version = await dream.imagine(context, actions, (job.seed * SEED_STRIDE + elapsed) % 2**63)
-        chunk_probs = await dream.success(trailing_clips(history, new_frames, spec.clip_len))
+        new_frames, wm_version = await world_model.imagine(context, actions, (job.seed * SEED_STRIDE + elapsed) % 2**63)
+        chunk_probs = await reward.probability(trailing_clips(history, new_frames, spec.clip_len))
         dream_s += time.monotonic() - t1
         policy_s += t1 - t0
         outcome = cut_chunk(new_frames, chunk_probs, job.success_threshold, job.horizon - elapsed)
@@ -182,17 +187,18 @@ class RolloutWorker:
         self,
         queue: JobQueue,
         policy: PolicyCaller,
-        dream: AsyncDreamClient,
+        world_model: AsyncWorldModelClient,
         *,
         name: str,
         concurrency: int = 16,
         episode_timeout_s: float = 600.0,
     ) -> None:
-        self.queue, self.policy, self.dream = queue, policy, dream
+        self.queue, self.policy, self.world_model = queue, policy, world_model
+        self.reward = AsyncRewardClient.beside(world_model)
         self.name, self.concurrency, self.episode_timeout_s = name, concurrency, episode_timeout_s
         self.held: dict[str, Job] = {}
         self.stats = WorkerStats()
-        self._spec: DreamSpec | None = None
+        self._spec: WorldModelSpec | None = None
         self._cameras: dict[int, str] = {}
 
     async def _camera(self, version: int) -> str:
@@ -210,9 +216,9 @@ class RolloutWorker:
             self._cameras[version] = spec.camera_names[0]
         return self._cameras[version]
 
-    async def spec(self) -> DreamSpec:
+    async def spec(self) -> WorldModelSpec:
         if self._spec is None:
-            self._spec = await self.dream.spec()
+            self._spec = await self.world_model.spec()
         return self._spec
 
     async def _run_job(self, job: Job) -> None:
@@ -223,7 +229,8 @@ class RolloutWorker:
             episode = EpisodeJob.from_bytes(job.payload)
             camera = await self._camera(episode.policy_version)
             result = await asyncio.wait_for(
-                imagine_episode(episode, self.policy, self.dream, await self.spec(), camera), self.episode_timeout_s
+                imagine_episode(episode, self.policy, self.world_model, self.reward, await self.spec(), camera),
+                self.episode_timeout_s,
             )
             result.worker, result.attempt = self.name, job.attempt
             first = await self._queue_call(self.queue.complete, job, result.to_bytes())

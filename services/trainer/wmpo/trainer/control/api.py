@@ -32,8 +32,8 @@ from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import counter, gauge, histogram
 from wmpo.common.registry import Registry, VersionNotFoundError
-from wmpo.trainer.plots import svg_plot
-from wmpo.trainer.runs import (
+from wmpo.trainer.control.plots import svg_plot
+from wmpo.trainer.control.runs import (
     ACTIVE,
     STATUSES,
     InvalidRunIdError,

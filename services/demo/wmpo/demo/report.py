@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from wmpo.trainer.plots import svg_lines
+from wmpo.trainer.control.plots import svg_lines
 
 PLOTTED = (
     ("imagined_success_rate", "imagined success rate"),

@@ -21,8 +21,8 @@ import numpy as np
 from wmpo.common.logs import get_logger
 from wmpo.common.tensors import Array, TensorError, from_proto, to_proto
 from wmpo.v1 import common_pb2, imagination_pb2, imagination_pb2_grpc
-from wmpo.worldmodel.client import DreamClient, DreamSpec
-from wmpo.worldmodel.dreaming import cut_chunk, roll_buffers, start_buffers, trailing_clips
+from wmpo.worldmodel.rollout_rules import cut_chunk, roll_buffers, start_buffers, trailing_clips
+from wmpo.worldmodel.serving.client import RewardClient, WorldModelClient, WorldModelSpec
 
 log = get_logger(__name__)
 SERVICE_NAME = "wmpo.v1.Imagination"
@@ -40,13 +40,16 @@ class SessionLimits:
 class ImaginationServicer(imagination_pb2_grpc.ImaginationServicer):
     """Implements Reset/Step/Close/GetWorldModelInfo with Redis-held sessions."""
 
-    def __init__(self, dream: DreamClient, redis_url: str, limits: SessionLimits, dataset: Path | None = None) -> None:
+    def __init__(
+        self, world_model: WorldModelClient, redis_url: str, limits: SessionLimits, dataset: Path | None = None
+    ) -> None:
         import redis
 
-        self.dream = dream
+        self.world_model = world_model
+        self.reward = RewardClient.beside(world_model)
         self.redis = redis.Redis.from_url(redis_url)
         self.limits = limits
-        self.spec: DreamSpec = dream.spec()
+        self.spec: WorldModelSpec = world_model.spec()
         self._dataset: Any = None
         if dataset is not None:
             from wmpo.data.dataset import TrajectoryDataset
@@ -157,8 +160,8 @@ class ImaginationServicer(imagination_pb2_grpc.ImaginationServicer):
         ctx = np.frombuffer(raw[b"context"], np.uint8).reshape(s.context_frames, h, w, c)
         history = np.frombuffer(raw[b"history"], np.uint8).reshape(s.clip_len, h, w, c)
         try:
-            frames, _version = self.dream.imagine(ctx, actions, seed=state["seed"] + state["elapsed"])
-            probs = self.dream.success(trailing_clips(history, frames, s.clip_len))
+            frames, _version = self.world_model.imagine(ctx, actions, seed=state["seed"] + state["elapsed"])
+            probs = self.reward.probability(trailing_clips(history, frames, s.clip_len))
         except Exception as exc:
             log.error("world model call failed", error=str(exc))
             context.abort(grpc.StatusCode.UNAVAILABLE, f"the world model is not reachable: {exc}")

@@ -14,21 +14,19 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
 import yaml
 
-from wmpo.common.cli import check_device
 from wmpo.common.errors import UserError
 from wmpo.common.fsutil import atomic_write_text
 from wmpo.common.logs import get_logger
 from wmpo.trainer.progress import advance_to
 
 log = get_logger(__name__)
-app = typer.Typer(help="Run WMPO end to end on the local stack and write a report.")
 
 
 @dataclass(frozen=True)
@@ -139,7 +137,7 @@ class Demo:
         from tqdm import tqdm
 
         from wmpo.common.registry import Registry
-        from wmpo.policy.train_bc import BCConfig, train_bc
+        from wmpo.policy.train import BCConfig, train_bc
 
         steps = self.profile.bc_steps
         config = BCConfig(steps=steps, eval_every=max(1, steps // 4), device=self.device, use_proprio=False)
@@ -168,7 +166,7 @@ class Demo:
         from tqdm import tqdm
 
         from wmpo.common.registry import Registry
-        from wmpo.worldmodel.reward import RewardConfig, train_reward
+        from wmpo.worldmodel.reward.train import RewardConfig, train_reward
 
         steps = self.profile.reward_steps
         config = RewardConfig(steps=steps, threshold=self.profile.success_threshold, device=self.device)
@@ -183,7 +181,7 @@ class Demo:
         import numpy as np
 
         from wmpo.data.dataset import TrajectoryDataset
-        from wmpo.worldmodel.reward import calibrate_threshold
+        from wmpo.worldmodel.reward.metrics import calibrate_threshold
 
         clips = TrajectoryDataset(self.heldout).reward_clips(model.clip_len)
         if len(clips) == 0:
@@ -197,7 +195,7 @@ class Demo:
         from wmpo.common.registry import Registry
         from wmpo.data.dataset import TrajectoryDataset
         from wmpo.worldmodel.checkpoint import load_world_model
-        from wmpo.worldmodel.fidelity import evaluate_fidelity
+        from wmpo.worldmodel.metrics import evaluate_fidelity
 
         info = Registry(self.registry, "worldmodel").get("latest")
         model, _ = load_world_model(info.path, self.device)
@@ -256,7 +254,7 @@ class Demo:
 
     # -- the whole thing -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from wmpo.trainer.stack import Stack, StackSettings
+        from wmpo.stack.cli import Stack, StackSettings
 
         began = time.monotonic()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -302,30 +300,10 @@ class Demo:
             "fidelity": {"base": fid_base, "final": fid_final}, "wmpo": run,
             "eval": {"base": base, "final": final},
         }  # fmt: skip
-        from wmpo.trainer.report import write_report
+        from wmpo.demo.report import write_report
 
         write_report(report, self.out, self.work / "runs" / "demo" / "videos")
         return report
-
-
-@app.callback(invoke_without_command=True)
-def demo(
-    quick: Annotated[bool, typer.Option("--quick", help="A ~3-minute smoke version (tiny everything).")] = False,
-    out: Annotated[Path, typer.Option(help="Where the report goes (index.html, report.json).")] = Path("demo-report"),
-    work: Annotated[
-        Path | None, typer.Option(help="Work directory, the cache (default wmpo-data/demo[-quick]).")
-    ] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Discard the cache and start over.")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (training and serving).")] = "cpu",
-) -> None:
-    """Collect data, train base policy/world model/reward model, run WMPO on the local stack, evaluate, report."""
-    check_device(device)
-    profile = PROFILES["quick" if quick else "full"]
-    work = work or Path("wmpo-data/demo-quick" if quick else "wmpo-data/demo")
-    if fresh:
-        shutil.rmtree(work, ignore_errors=True)
-    report = Demo(replace(profile), work, out, device).run()
-    _summary(report, out)
 
 
 def _down(stack: Any) -> dict[str, Any]:
@@ -333,32 +311,3 @@ def _down(stack: Any) -> dict[str, Any]:
     if not result.clean:
         typer.secho(f"  warning: left behind: {result.survivors} ports {result.busy_ports}", fg="yellow", err=True)
     return {"stopped": result.stopped, "clean": result.clean}
-
-
-def _summary(report: dict[str, Any], out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    base, final = report["eval"]["base"], report["eval"]["final"]
-    table = Table(title=f"WMPO demo ({report['profile']['name']}, task {report['task']})")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-
-    def rate(e: dict[str, Any]) -> str:
-        return f"{e['success_rate']:.0%}  [{e['ci95_low']:.0%}, {e['ci95_high']:.0%}]  (n={e['episodes']})"
-
-    iterations = report["wmpo"]["iterations"]
-    table.add_row(f"real success, base policy v{base['version']}", rate(base))
-    table.add_row(f"real success, final policy v{final['version']}", rate(final))
-    if iterations:
-        table.add_row(
-            "imagined success, first → last iteration",
-            f"{iterations[0]['imagined_success_rate']:.0%} → {iterations[-1]['imagined_success_rate']:.0%}",
-        )
-    table.add_row("imagined episodes", str(report["wmpo"]["episodes"]))
-    table.add_row(
-        "reward model AUROC (held-out clips)", f"{report['reward']['metrics'].get('auroc', float('nan')):.3f}"
-    )
-    table.add_row("wall time", f"{report['wall_s'] / 60:.1f} min")
-    table.add_row("report", str(out / "index.html"))
-    Console(stderr=True).print(table)

@@ -27,7 +27,7 @@ from wmpo.common.cli import check_device
 from wmpo.common.config import ServiceSettings
 from wmpo.common.errors import UserError
 from wmpo.common.net import free_port
-from wmpo.trainer.supervisor import (
+from wmpo.stack.supervisor import (
     Probe,
     ServiceRecord,
     ServiceSpec,
@@ -101,14 +101,6 @@ def parse_services(text: str | Sequence[str] | None) -> list[str]:
         if missing:
             raise UserError(f"{name} needs {', '.join(missing)}: add it to --services")
     return [n for n in SERVICES if n in names]
-
-
-def trainer_commands() -> set[str]:
-    """The sub-commands `wmpo trainer` has in this installation (``worker`` and ``api`` are needed here)."""
-    from wmpo.trainer.cli import app as trainer_app
-
-    group: Any = typer.main.get_command(trainer_app)
-    return set(getattr(group, "commands", {}))
 
 
 class Stack:
@@ -251,11 +243,6 @@ class Stack:
     def _plan(self, names: list[str], workers: int) -> list[ServiceSpec]:
         """Commands, ports and probes of every service to start (checking first what can be checked)."""
         workers = workers if "worker" in names else 0
-        needed = {"worker"} if workers else set()
-        needed |= {"api"} & set(names)
-        missing = sorted(needed - trainer_commands()) if needed else []
-        if missing:
-            raise UserError(f"`wmpo trainer {missing[0]}` is not available in this installation")
         sections = _config_sections(self.config_file)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         redis = ["--redis", self.redis_url] if "redis" in names else []

@@ -24,7 +24,8 @@ from wmpo.common.tensors import Array
 from wmpo.common.triton import TritonPorts, start_triton
 from wmpo.worldmodel.checkpoint import load_world_model
 from wmpo.worldmodel.model import WorldModel, to_model_frames, to_uint8_frames
-from wmpo.worldmodel.reward import RewardModel
+from wmpo.worldmodel.reward.checkpoint import load_reward_model
+from wmpo.worldmodel.reward.model import RewardModel
 
 log = get_logger(__name__)
 DREAM, REWARD = "dream", "reward"
@@ -36,7 +37,7 @@ class Loaded:
     version: int
 
 
-class DreamModels:
+class ServedModels:
     """The models Triton serves; `swap` replaces the world model atomically between batches."""
 
     def __init__(
@@ -80,11 +81,12 @@ class DreamModels:
         versions = np.full((len(seeds), 1), loaded.version, np.int64)
         return to_uint8_frames(frames).cpu().numpy(), versions
 
-    def success(self, clips: Array) -> Array:
+    def reward_probability(self, clips: Array) -> Array:
+        """Batched: clips [B,N,H,W,C] uint8 -> P(success) [B,1]."""
         return self.reward.probability(clips).reshape(-1, 1).astype(np.float32)
 
 
-def bind_models(triton: Any, models: DreamModels, *, max_batch_size: int, max_queue_delay_us: int) -> None:
+def bind_models(triton: Any, models: ServedModels, *, max_batch_size: int, max_queue_delay_us: int) -> None:
     """Bind `dream` and `reward` to a PyTriton server with dynamic batching."""
     from pytriton.decorators import batch
     from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
@@ -99,7 +101,7 @@ def bind_models(triton: Any, models: DreamModels, *, max_batch_size: int, max_qu
 
     @batch  # type: ignore[untyped-decorator]
     def reward(clip: Array) -> dict[str, Array]:
-        return {"probability": models.success(clip)}
+        return {"probability": models.reward_probability(clip)}
 
     size, channels = int(cfg.image_size), int(cfg.channels)
     triton.bind(
@@ -137,7 +139,7 @@ class WorldModelWatcher:
 
     def __init__(
         self,
-        models: DreamModels,
+        models: ServedModels,
         registry: Registry,
         device: str,
         interval_s: float = 2.0,
@@ -164,7 +166,7 @@ class WorldModelWatcher:
         if self.reward_registry is not None:
             changed = self._refresh(
                 self.reward_registry, self.models.reward_version, self.refused_reward, "reward-model",
-                lambda path: RewardModel.load(path, self.device), self.models.swap_reward,
+                lambda path: load_reward_model(path, self.device), self.models.swap_reward,
             )  # fmt: skip
         world = self._refresh(
             self.registry, self.models.world.version, self.refused, "world-model",
@@ -217,7 +219,7 @@ def serve_dream(
     max_batch_size: int = 32,
     max_queue_delay_us: int = 2000,
     bind_address: str = "0.0.0.0",
-) -> tuple[Any, DreamModels, WorldModelWatcher | None]:
+) -> tuple[Any, ServedModels, WorldModelWatcher | None]:
     """Start Triton with `dream` and `reward`.
 
     Each model comes from its checkpoint when given, else from the registry's ``latest`` version; with a
@@ -238,9 +240,9 @@ def serve_dream(
         reward_info = reward_registry.verify("latest")
         reward, reward_version = Path(reward_info.path), reward_info.version
     model, _ = load_world_model(world, device)
-    models = DreamModels(
+    models = ServedModels(
         model,
-        RewardModel.load(reward, device),
+        load_reward_model(reward, device),
         version=version,
         reward_version=reward_version,
         sampler_steps=sampler_steps,
