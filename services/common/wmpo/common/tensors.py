@@ -80,11 +80,6 @@ def proto_dtype(dtype: DTypeLike) -> int:
     return _ENUM_OF[key]
 
 
-def numpy_dtype(code: int) -> np.dtype[np.generic]:
-    """The little-endian numpy dtype of a `wmpo.v1.DType` value; `KeyError` when unknown."""
-    return _DTYPES[code]
-
-
 def to_proto(array: npt.ArrayLike, out: tensor_pb2.Tensor | None = None) -> tensor_pb2.Tensor:
     """Encode an array as a `Tensor` (little-endian, C order). Fills `out` when given."""
     arr = np.asarray(array)

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from wmpo.common.seeds import step_seed
 from wmpo.common.tensors import Array
 from wmpo.policy.checkpoint import PolicyBundle
 
@@ -31,7 +32,7 @@ class CheckpointSource:
         inputs = self.bundle.prepare(
             [{self.bundle.camera_names[0]: observation.image}], [observation.proprio], [observation.instruction]
         )
-        seed = self._seed * 100_003 + self._calls if self.temperature > 0 else None
+        seed = step_seed(self._seed, self._calls) if self.temperature > 0 else None
         out = self.bundle.act(inputs, [self.temperature], [seed])
         return np.asarray(out.actions[0], np.float32)
 

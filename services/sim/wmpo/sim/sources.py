@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from wmpo.common.errors import UserError
+from wmpo.common.seeds import step_seed
 from wmpo.common.tensors import Array
 from wmpo.sim.env import ACTION_DIM, MetaWorldEnv, SimObservation
 
@@ -133,7 +134,7 @@ class RemotePolicySource:
             observation.proprio,
             version=self.version,
             temperature=self.temperature,
-            seed=self._seed * 100_003 + self._calls if self.temperature > 0 else None,
+            seed=step_seed(self._seed, self._calls) if self.temperature > 0 else None,
         )
         self.label = f"policy:{chunk.policy_version}"
         if chunk.actions.shape[1] != ACTION_DIM:

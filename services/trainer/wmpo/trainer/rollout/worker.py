@@ -22,6 +22,7 @@ import redis
 
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import counter, gauge, histogram
+from wmpo.common.seeds import step_seed
 from wmpo.common.tensors import Array
 from wmpo.robot.client import make_observation, parse_address, parse_chunk
 from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult
@@ -39,7 +40,6 @@ EPISODE_SECONDS = histogram("worker_episode_seconds", "Wall time of one imagined
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 REDIS_RETRY_S = 1.0
 T = TypeVar("T")
-SEED_STRIDE = 100_003  # seeds of consecutive chunks of one episode; a prime so episodes do not collide
 
 
 class EpisodeError(RuntimeError):
@@ -137,7 +137,7 @@ async def imagine_episode(
             job.instruction,
             job.policy_version,
             job.temperature,
-            (job.seed * SEED_STRIDE + chunk_index) % 2**63,
+            step_seed(job.seed, chunk_index),
         )
         if actions.shape != (spec.future_frames, spec.action_dim):
             raise EpisodeError(
@@ -145,7 +145,7 @@ async def imagine_episode(
                 f"({spec.future_frames}, {spec.action_dim})"
             )
         t1 = time.monotonic()
-        new_frames, wm_version = await world_model.imagine(context, actions, (job.seed * SEED_STRIDE + elapsed) % 2**63)
+        new_frames, wm_version = await world_model.imagine(context, actions, step_seed(job.seed, elapsed))
         chunk_probs = await reward.probability(trailing_clips(history, new_frames, spec.clip_len))
         dream_s += time.monotonic() - t1
         policy_s += t1 - t0
