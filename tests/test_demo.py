@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from wmpo.stack.supervisor import is_running, port_free
+from wmpo.common.net import port_free
+from wmpo.common.process import is_running
 
 WMPO = [sys.executable, "-m", "wmpo.common.cli"]
 pytestmark = [pytest.mark.triton, pytest.mark.redis]

@@ -139,3 +139,30 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     assert result.stderr.startswith("wmpo: error: invalid configuration: policy.max_batch_size")
     usage = subprocess.run([*wmpo, "no-such-command"], capture_output=True, text=True, check=False)
     assert usage.returncode == 2
+
+
+def test_process_ref_is_not_fooled_by_a_recycled_pid(tmp_path: Path) -> None:
+    from wmpo.common.process import ProcessRef, is_running, read_tail, spawn, terminate
+
+    child = spawn([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"], tmp_path / "c.log")
+    ref = ProcessRef.of(child.pid)
+    assert ref.ticks is not None and ref.leader_running() and ref.alive()
+    impostor = ProcessRef(child.pid, ref.ticks + 1)  # same pid, another start time: a recycled pid
+    assert not impostor.ours() and not impostor.leader_running() and not impostor.alive()
+    assert terminate([impostor], timeout=0.5) == [] and is_running(child.pid)  # never signals what is not ours
+    assert terminate([ref], timeout=10) == [] and not is_running(child.pid)
+    assert read_tail(tmp_path / "c.log", 5)[0].startswith("==== ")
+
+
+def test_file_lock_excludes_a_second_holder(tmp_path: Path) -> None:
+    from wmpo.common.fsutil import file_lock
+
+    with file_lock(tmp_path / "d" / ".lock"):
+        probe = subprocess.run(
+            [sys.executable, "-c", "import sys; from pathlib import Path; from wmpo.common.fsutil import file_lock\n"
+             f"with file_lock(Path({str(tmp_path / 'd' / '.lock')!r}), blocking=False): pass"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert probe.returncode != 0 and "BlockingIOError" in probe.stderr
+    with file_lock(tmp_path / "d" / ".lock", blocking=False):
+        pass

@@ -19,11 +19,11 @@ import pytest
 from policy_fixtures import make_checkpoint
 
 from wmpo.common.errors import UserError
-from wmpo.common.net import free_port
+from wmpo.common.net import free_port, port_free
+from wmpo.common.process import group_members, is_running
 from wmpo.common.redis_server import ping
 from wmpo.common.registry import Registry
 from wmpo.stack.cli import Stack, StackSettings
-from wmpo.stack.supervisor import group_members, is_running, port_free
 from wmpo.trainer.settings import TrainerSettings
 
 SIZE = 32

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from wmpo.common.media import write_gif
 from wmpo.common.net import free_port, port_is_open, wait_until
+from wmpo.common.process import is_running
 from wmpo.common.registry import Registry
 from wmpo.trainer.control.api import create_app
 from wmpo.trainer.control.plots import svg_lines, svg_plot
@@ -31,7 +32,6 @@ from wmpo.trainer.control.runs import (
     RunExistsError,
     RunNotFoundError,
     RunStore,
-    pid_alive,
 )
 from wmpo.trainer.settings import TrainerSettings
 
@@ -76,7 +76,7 @@ def cleanup() -> Iterator[list[RunStore]]:
     yield stores
     for store in stores:
         for record in store.list():
-            if record.pid is not None and pid_alive(record.pid):
+            if record.pid is not None and is_running(record.pid):
                 os.killpg(record.pid, signal.SIGKILL)
 
 
@@ -175,16 +175,16 @@ def test_start_and_stop_a_real_learner_process(tmp_path: Path, cleanup: list[Run
     cleanup.append(store)
     store.create(RUN_YAML, "r1")
     started = store.start("r1")
-    assert started.status == "running" and started.pid is not None and pid_alive(started.pid)
+    assert started.status == "running" and started.pid is not None and is_running(started.pid)
     assert (store.path("r1") / "pid").read_text().strip() == str(started.pid)
     pid = started.pid
-    wait_until(lambda: len(store.metrics("r1")) >= 2, 30, "learner metrics", alive=lambda: pid_alive(pid))
+    wait_until(lambda: len(store.metrics("r1")) >= 2, 30, "learner metrics", alive=lambda: is_running(pid))
     with pytest.raises(RunExistsError, match="already running"):
         store.start("r1")
 
     stopped = store.stop("r1", timeout=20)
     assert stopped.status == "stopped" and stopped.pid is None
-    assert not pid_alive(pid)
+    assert not is_running(pid)
     log_text = (store.path("r1") / "train.log").read_text()
     assert "learner up" in log_text and "got SIGTERM" in log_text, "it stopped at its safe point"
     assert store.get("r1").iteration >= 2
@@ -200,7 +200,7 @@ def test_a_learner_ignoring_sigterm_is_killed(tmp_path: Path, cleanup: list[RunS
     assert pid is not None
     wait_until(lambda: "ignoring SIGTERM" in (store.path("r1") / "train.log").read_text(), 30, "learner up")
     stopped = store.stop("r1", timeout=0.3)
-    assert stopped.status == "stopped" and not pid_alive(pid)
+    assert stopped.status == "stopped" and not is_running(pid)
 
 
 # -- the HTTP API ---------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_start_and_stop_through_the_api(tmp_path: Path, cleanup: list[RunStore])
     stopping = client.post("/runs/r1/stop", headers=AUTH)
     assert stopping.status_code == 202 and stopping.json()["status"] in ("stopping", "stopped")
     wait_until(lambda: client.get("/runs/r1").json()["status"] == "stopped", 30, "stopped")
-    wait_until(lambda: not pid_alive(pid), 30, "learner exit")  # it records "stopped", then exits
+    wait_until(lambda: not is_running(pid), 30, "learner exit")  # it records "stopped", then exits
     assert "got SIGTERM" in client.get("/runs/r1/log").text
 
     crashing = _client(tmp_path, store=_store(tmp_path, CRASHING_LEARNER))

@@ -1,7 +1,8 @@
-"""Filesystem helpers: replacing a file or a whole directory atomically."""
+"""Filesystem helpers: replacing a file or a whole directory atomically, and an exclusive file lock."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -46,3 +47,18 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
+
+
+@contextmanager
+def file_lock(path: Path, *, blocking: bool = True) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created, with its folder, when missing) for the block.
+
+    With ``blocking=False`` a lock held elsewhere raises `BlockingIOError` at once instead of waiting.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -1,4 +1,4 @@
-"""Small networking helpers: free ports and waiting for a server to accept connections."""
+"""Small networking helpers: free ports, whether a port can be bound or is open, waiting for a server."""
 
 from __future__ import annotations
 
@@ -12,6 +12,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def port_free(host: str, port: int) -> bool:
+    """True when a server could listen on host:port now (bind with SO_REUSEADDR, as servers do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def port_is_open(host: str, port: int, timeout: float = 0.2) -> bool:

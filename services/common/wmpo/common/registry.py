@@ -17,19 +17,17 @@ lock, so version numbers never repeat and readers never see a partial version. E
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wmpo.common.errors import UserError
-from wmpo.common.fsutil import atomic_write_text
+from wmpo.common.fsutil import atomic_write_text, file_lock
 
 LATEST = "latest"
 
@@ -208,15 +206,8 @@ class Registry:
         data: dict[str, dict[str, Any]] = json.loads(path.read_text())
         return data
 
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / ".lock").open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.root / ".lock")
 
     def _notify(self, event: dict[str, Any]) -> None:
         if not self.redis_url:

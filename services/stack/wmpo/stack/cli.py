@@ -26,7 +26,8 @@ from pydantic_settings import SettingsConfigDict
 from wmpo.common.cli import check_device
 from wmpo.common.config import ServiceSettings
 from wmpo.common.errors import UserError
-from wmpo.common.net import free_port
+from wmpo.common.net import free_port, port_free
+from wmpo.common.process import read_tail
 from wmpo.stack.supervisor import (
     Probe,
     ServiceRecord,
@@ -35,8 +36,6 @@ from wmpo.stack.supervisor import (
     StackDown,
     StackStartError,
     Supervisor,
-    port_free,
-    read_tail,
     service_status,
 )
 

@@ -1,30 +1,24 @@
-"""Process supervision for the local stack: detached process groups, health probes, a JSON state file,
-starting services tier by tier once the previous tier is healthy, stopping them in reverse, log tails.
-
-Every child runs in its own session (so its own process group, untouched by the terminal's Ctrl-C).
-A child is identified by its pid *and* its kernel start time, so a recycled pid is never mistaken for it.
-Process state is read from ``/proc`` (Linux).
+"""Process supervision for the local stack: health probes, a JSON state file, starting services tier by tier
+once the previous tier is healthy, stopping them in reverse. Processes themselves: `wmpo.common.process`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import signal
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from wmpo.common.errors import UserError
-from wmpo.common.fsutil import atomic_write_text
+from wmpo.common.fsutil import atomic_write_text, file_lock
+from wmpo.common.net import port_free
+from wmpo.common.process import ProcessRef, is_running, read_tail, spawn, start_ticks, terminate
 from wmpo.common.redis_server import ping
 
 ProbeKind = Literal["redis", "http", "grpc"]
@@ -79,144 +73,6 @@ def grpc_serving(address: str, timeout: float = 1.0) -> bool:
         except grpc.RpcError:
             return False
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-
-def port_free(host: str, port: int) -> bool:
-    """True when a server could listen on host:port now (bind with SO_REUSEADDR, as servers do)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-# -- processes ----------------------------------------------------------------------------------------
-def spawn(command: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start `command` detached in a new session, stdout and stderr appended to `log_path`."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
-        log.flush()
-        return subprocess.Popen(
-            list(command),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=dict(env) if env is not None else None,
-            start_new_session=True,
-        )
-
-
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first), or None without such process."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def start_ticks(pid: int) -> int | None:
-    """The kernel start time of `pid` (clock ticks since boot), or None when it does not exist."""
-    fields = _stat(pid)
-    return int(fields[19]) if fields else None
-
-
-def reap(pid: int) -> None:
-    """Collect the exit status of `pid` if it is an exited child of this process (no zombie left)."""
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def is_running(pid: int, ticks: int | None = None) -> bool:
-    """True when `pid` exists, is not a zombie and (given `ticks`) is still the process started then."""
-    reap(pid)
-    fields = _stat(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return False
-    return ticks is None or int(fields[19]) == ticks
-
-
-def group_members(pgid: int) -> list[int]:
-    """Pids of the live (non-zombie) processes in process group `pgid`."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat(int(entry.name))
-        if fields and int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(entry.name))
-    return members
-
-
-@dataclass(frozen=True)
-class ProcessRef:
-    """A process group started by the stack: its leader's pid (= the group id) and start time."""
-
-    pid: int
-    ticks: int | None
-
-    def ours(self) -> bool:
-        """True unless the leader's pid now belongs to another process (then nothing here is ours)."""
-        now = start_ticks(self.pid)
-        return now is None or self.ticks is None or now == self.ticks
-
-    def alive(self) -> bool:
-        """True while the leader or anything else in its process group runs."""
-        if not self.ours():
-            return False
-        return is_running(self.pid, self.ticks) or bool(group_members(self.pid))
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _wait_for(refs: Iterable[ProcessRef], check: Callable[[ProcessRef], bool], timeout: float) -> list[ProcessRef]:
-    """Wait until `check(ref)` is false for every ref; the refs for which it still holds at the deadline."""
-    pending = list(refs)
-    deadline = time.monotonic() + timeout
-    while pending:
-        pending = [r for r in pending if check(r)]
-        if not pending or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    return pending
-
-
-def terminate(refs: Sequence[ProcessRef], timeout: float = 20.0, grace: float = 3.0) -> list[ProcessRef]:
-    """Stop process groups: SIGTERM each leader (it shuts its own children down), then SIGTERM what is left
-    of each group, then SIGKILL. Returns the groups that still have processes (normally none)."""
-    refs = [r for r in refs if r.alive()]
-    for ref in refs:
-        if is_running(ref.pid, ref.ticks):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(ref.pid, signal.SIGTERM)
-    _wait_for(refs, lambda r: is_running(r.pid, r.ticks), timeout)
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-        left = [r for r in refs if r.alive()]
-        for ref in left:
-            _signal_group(ref.pid, sig)
-        refs = _wait_for(left, ProcessRef.alive, wait)
-    return refs
-
-
-def read_tail(path: Path, lines: int) -> list[str]:
-    """The last `lines` lines of a text file ([] when it does not exist)."""
-    if lines <= 0:
-        return []
-    try:
-        with path.open("rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 256 * 1024))
-            data = fh.read()
-    except OSError:
-        return []
-    return data.decode("utf-8", errors="replace").splitlines()[-lines:]
 
 
 # -- the state file -----------------------------------------------------------------------------------
@@ -363,16 +219,12 @@ class Supervisor:
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the state directory's lock: one start or stop at a time."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with (self.dir / ".lock").open("w") as fh:
+        with contextlib.ExitStack() as held:
             try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.enter_context(file_lock(self.dir / ".lock", blocking=False))
             except BlockingIOError:
                 raise UserError(f"another `wmpo stack` command is working on {self.dir}; wait for it") from None
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+            yield
 
     def start(self, specs: Sequence[ServiceSpec], timeout: float, stop_timeout: float) -> list[ServiceRecord]:
         """Start `specs` tier by tier, each tier once the previous is healthy (`timeout` s per tier).

@@ -272,7 +272,10 @@ def create_app(
             raise HTTPException(409, detail=str(exc)) from None
         if record.pid is not None:
             threading.Thread(
-                target=runs.wait_stopped, args=(run_id, record.pid, stop_timeout), name=f"stop-{run_id}", daemon=True
+                target=runs.wait_stopped,
+                args=(run_id, record.process, stop_timeout),
+                name=f"stop-{run_id}",
+                daemon=True,
             ).start()
         return record.to_json()
 

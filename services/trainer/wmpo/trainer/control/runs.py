@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -27,10 +26,8 @@ import re
 import secrets
 import signal
 import socket
-import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,8 +35,9 @@ from typing import Any, Literal, cast, get_args
 
 import yaml
 
-from wmpo.common.fsutil import atomic_write_text
+from wmpo.common.fsutil import atomic_write_text, file_lock
 from wmpo.common.logs import get_logger
+from wmpo.common.process import ProcessRef, spawn, start_ticks, wait_for
 
 RunStatus = Literal["pending", "running", "stopping", "stopped", "finished", "failed"]
 STATUSES: tuple[str, ...] = get_args(RunStatus)
@@ -54,8 +52,6 @@ DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "wmpo.common.cli", "tr
 """The learner: ``wmpo train``; `RunStore.start` appends ``--config <run>/config.yaml --run-id <id>``."""
 
 _UPDATABLE = frozenset({"status", "iteration", "iterations", "policy_version", "error", "pid"})
-_children: dict[int, subprocess.Popen[bytes]] = {}
-"""Learner processes this process started, by pid (polled to reap them, so they never linger as zombies)."""
 
 log = get_logger(__name__)
 
@@ -101,27 +97,6 @@ def parse_run_config(config_text: str) -> dict[str, Any]:
     return loaded
 
 
-def pid_alive(pid: int) -> bool:
-    """True while process `pid` exists and is not a zombie (children we started are reaped here)."""
-    child = _children.get(pid)
-    if child is not None:
-        if child.poll() is None:
-            return True
-        _children.pop(pid, None)
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
-
-
 @dataclass(frozen=True)
 class RunRecord:
     """A run's status as read from its directory."""
@@ -138,6 +113,13 @@ class RunRecord:
     pid: int | None
     host: str | None = None
     """The machine (hostname) the learner process runs on; its pid is only checked there."""
+    pid_ticks: int | None = None
+    """The learner's kernel start time, so a recycled pid is not mistaken for it."""
+
+    @property
+    def process(self) -> ProcessRef | None:
+        """The learner process (None when the run has none)."""
+        return ProcessRef(self.pid, self.pid_ticks) if self.pid is not None else None
 
     def learner_gone(self) -> bool:
         """True when the run is marked active but its learner process, on this machine, no longer exists."""
@@ -145,15 +127,11 @@ class RunRecord:
             return False
         if self.host is not None and self.host != socket.gethostname():
             return False  # another machine's pid: cannot tell from here
-        return not pid_alive(self.pid)
+        return not ProcessRef(self.pid, self.pid_ticks).leader_running()
 
     @property
     def config_path(self) -> Path:
         return self.path / "config.yaml"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
 
     @property
     def log_path(self) -> Path:
@@ -345,18 +323,7 @@ class RunStore:
             argv = [*self.command, "--config", str(path / "config.yaml"), "--run-id", run_id, *extra_args]
             # The learner must write into this store whatever runs_dir its config names (env beats YAML).
             env = {**os.environ, "PYTHONUNBUFFERED": "1", "WMPO_TRAINER_RUNS_DIR": str(self.runs_dir.resolve())}
-            with (path / "train.log").open("ab") as out:
-                out.write(f"--- {utc_now()} starting: {' '.join(argv)}\n".encode())
-                out.flush()
-                child = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
-            _children[child.pid] = child
+            child = spawn(argv, path / "train.log", env)
             log.info("learner started", run_id=run_id, pid=child.pid)
             return self._write(path, {"status": "running", "error": None, "pid": child.pid})
 
@@ -369,32 +336,23 @@ class RunStore:
                 raise ValueError(f"run {run_id!r} is not running (status {record.status})")
             if record.host is not None and record.host != socket.gethostname():
                 raise ValueError(f"run {run_id!r} runs on {record.host}: stop it there (SIGTERM pid {record.pid})")
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(record.pid, signal.SIGTERM)
+            ProcessRef(record.pid, record.pid_ticks).send_signal(signal.SIGTERM)
             if record.status == "running":
                 record = self._write(path, {"status": "stopping"})
             return record
 
     def stop(self, run_id: str, timeout: float = 30.0) -> RunRecord:
         """`request_stop`, wait up to `timeout` s for the learner to exit, then SIGKILL its process group."""
-        pid = self.request_stop(run_id).pid
-        assert pid is not None
-        return self.wait_stopped(run_id, pid, timeout)
+        process = self.request_stop(run_id).process
+        assert process is not None
+        return self.wait_stopped(run_id, process, timeout)
 
-    def wait_stopped(self, run_id: str, pid: int, timeout: float = 30.0) -> RunRecord:
-        """Wait for a stopping learner `pid` to exit (SIGKILL after `timeout` s); the run ends ``stopped``."""
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(pid):
-            log.warning("learner ignored SIGTERM; killing it", run_id=run_id, pid=pid, timeout_s=timeout)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            reaped_by = time.monotonic() + 5.0
-            while pid_alive(pid) and time.monotonic() < reaped_by:
-                time.sleep(0.02)
+    def wait_stopped(self, run_id: str, process: ProcessRef, timeout: float = 30.0) -> RunRecord:
+        """Wait for a stopping learner to exit (SIGKILL to its group after `timeout` s); the run ends ``stopped``."""
+        if wait_for([process], ProcessRef.leader_running, timeout):
+            log.warning("learner ignored SIGTERM; killing it", run_id=run_id, pid=process.pid, timeout_s=timeout)
+            process.signal_group(signal.SIGKILL)
+            wait_for([process], ProcessRef.leader_running, 5.0)
         path = self._existing(run_id)
         with self._lock(path):
             record = self._read(path)
@@ -421,6 +379,7 @@ class RunStore:
             path=path,
             pid=pid,
             host=data.get("host") if pid is not None else None,
+            pid_ticks=data.get("pid_ticks") if pid is not None else None,
         )
 
     def _write(self, path: Path, fields: dict[str, Any]) -> RunRecord:
@@ -432,26 +391,21 @@ class RunStore:
             pid = changes.pop("pid")
             if pid is None:
                 pid_file.unlink(missing_ok=True)
-                changes["host"] = None
+                changes["host"] = changes["pid_ticks"] = None
             else:
                 atomic_write_text(pid_file, f"{int(pid)}\n")
                 changes["host"] = socket.gethostname()
+                changes["pid_ticks"] = start_ticks(int(pid))
         elif changes.get("status") in FINAL:
             pid_file.unlink(missing_ok=True)
-            changes["host"] = None
+            changes["host"] = changes["pid_ticks"] = None
         data.update(changes)
         data["updated_at"] = utc_now()
         _atomic_write_json(path / "status.json", data)
         return self._read(path)
 
-    @contextlib.contextmanager
-    def _lock(self, path: Path) -> Iterator[None]:
-        with (path / ".lock").open("a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _lock(self, path: Path) -> contextlib.AbstractContextManager[None]:
+        return file_lock(path / ".lock")
 
 
 def _finite(value: Any) -> Any:
