@@ -107,7 +107,11 @@ class RandomSource:
 
 
 class RemotePolicySource:
-    """A policy server queried like a robot does (camera ``main``), one action chunk per call."""
+    """A policy server queried like a robot does, one action chunk per call.
+
+    The simulator renders one view; it is sent under the camera name the policy asks for (`camera()`),
+    looked up once per episode (so a new current version is followed between episodes).
+    """
 
     def __init__(self, address: str, *, version: str = "", token: str | None = None, temperature: float = 0.0) -> None:
         from wmpo.robot import PolicyClient
@@ -122,14 +126,17 @@ class RemotePolicySource:
         self.label = f"policy:{self.version or 'current'}"
         self._seed = 0
         self._calls = 0
+        self._camera: str | None = None
 
     def reset(self, seed: int) -> None:
-        self._seed, self._calls = seed, 0
+        self._seed, self._calls, self._camera = seed, 0, None
 
     def act(self, env: MetaWorldEnv, observation: SimObservation) -> Array:
         self._calls += 1
+        if self._camera is None:
+            self._camera = self.client.camera(self.version)
         chunk = self.client.act(
-            {"main": observation.image},
+            {self._camera: observation.image},
             observation.instruction,
             observation.proprio,
             version=self.version,

@@ -10,9 +10,10 @@ import socket
 from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import serve_metrics
+from wmpo.robot import AsyncPolicyClient
 from wmpo.trainer.connections import make_queue, policy_token
 from wmpo.trainer.rollout.queue import JobQueue
-from wmpo.trainer.rollout.worker import PolicyCaller, RolloutWorker, WorkerStats
+from wmpo.trainer.rollout.worker import POLICY_OPTIONS, RolloutWorker, WorkerStats
 from wmpo.trainer.settings import TrainerSettings
 from wmpo.worldmodel.serving.client import AsyncWorldModelClient
 
@@ -31,7 +32,7 @@ async def _export_queue_metrics(queue: JobQueue) -> None:
 
 async def _main(settings: TrainerSettings, name: str, max_jobs: int | None) -> WorkerStats:
     queue = make_queue(settings)
-    policy = PolicyCaller(settings.policy_address, policy_token(settings))
+    policy = AsyncPolicyClient(settings.policy_address, POLICY_OPTIONS, token=policy_token(settings))
     dream = AsyncWorldModelClient(settings.dream_address)
     worker = RolloutWorker(
         queue,

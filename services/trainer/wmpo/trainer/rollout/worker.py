@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 import redis
 
@@ -24,10 +23,9 @@ from wmpo.common.logs import get_logger
 from wmpo.common.metrics import counter, gauge, histogram
 from wmpo.common.seeds import step_seed
 from wmpo.common.tensors import Array
-from wmpo.robot.client import make_observation, parse_address, parse_chunk
+from wmpo.robot import AsyncPolicyClient, ClientOptions, PolicyClientError, RetryPolicy
 from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult
 from wmpo.trainer.rollout.queue import Job, JobQueue
-from wmpo.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from wmpo.worldmodel.rollout_rules import cut_chunk, roll_buffers, start_buffers, trailing_clips
 from wmpo.worldmodel.serving.client import AsyncRewardClient, AsyncWorldModelClient, WorldModelSpec
 
@@ -55,61 +53,35 @@ class WorkerStats:
     started: float = field(default_factory=time.monotonic)
 
 
-class PolicyCaller:
-    """Async `Act` calls to the policy server with a pinned version, temperature, seed and log-probs."""
+POLICY_OPTIONS = ClientOptions(timeout_s=60.0, retry=RetryPolicy(retries=5, backoff_s=0.2))
+"""How workers call the policy: a long deadline (a busy server queues Act calls), more patient retries."""
 
-    def __init__(self, address: str, token: str | None = None, timeout: float = 60.0, retries: int = 5) -> None:
-        target, tls = parse_address(address)
-        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
-        self.channel = (
-            grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(), options)
-            if tls
-            else grpc.aio.insecure_channel(target, options)
-        )
-        self.stub = policy_pb2_grpc.PolicyStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
-        self.timeout, self.retries = timeout, retries
 
-    async def act(
-        self, frame: Array, camera: str, instruction: str, version: int, temperature: float, seed: int
-    ) -> tuple[Array, Array, Array]:
-        """-> (actions [T, A], tokens [T, A], log-probs [T, A])."""
-        request = policy_pb2.ActRequest(
-            observation=make_observation({camera: frame}, instruction),
-            version=str(version),
-            sampling=common_pb2.SamplingParams(temperature=temperature, seed=seed),
+async def policy_chunk(
+    policy: AsyncPolicyClient, frame: Array, camera: str, job: EpisodeJob, chunk_index: int
+) -> tuple[Array, Array, Array]:
+    """One chunk of the job's pinned policy version -> (actions [T, A], tokens [T, A], log-probs [T, A])."""
+    try:
+        chunk = await policy.act(
+            {camera: frame},
+            job.instruction,
+            version=job.policy_version,
+            temperature=job.temperature,
+            seed=step_seed(job.seed, chunk_index),
             return_logprobs=True,
         )
-        for attempt in range(self.retries + 1):
-            try:
-                response = await self.stub.Act(request, timeout=self.timeout, metadata=self.metadata)
-                break
-            except grpc.aio.AioRpcError as exc:
-                retryable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-                if not retryable or attempt == self.retries:
-                    raise EpisodeError(f"policy Act failed: {exc.code().name}: {exc.details()}") from exc
-                await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
-        chunk = parse_chunk(response)
-        if chunk.logprobs is None:
-            raise EpisodeError("the policy server returned no log-probs")
-        if chunk.policy_version != version:
-            raise EpisodeError(f"asked for policy version {version}, answered by {chunk.policy_version}")
-        return chunk.actions, chunk.token_ids, chunk.logprobs
-
-    async def info(self, version: int | str = "") -> policy_pb2.PolicyInfo:
-        request = policy_pb2.GetPolicyInfoRequest(version=str(version))
-        response: policy_pb2.PolicyInfo = await self.stub.GetPolicyInfo(
-            request, timeout=self.timeout, metadata=self.metadata
-        )
-        return response
-
-    async def close(self) -> None:
-        await self.channel.close()
+    except PolicyClientError as exc:
+        raise EpisodeError(f"policy Act failed: {exc}") from exc
+    if chunk.logprobs is None:
+        raise EpisodeError("the policy server returned no log-probs")
+    if chunk.policy_version != job.policy_version:
+        raise EpisodeError(f"asked for policy version {job.policy_version}, answered by {chunk.policy_version}")
+    return chunk.actions, chunk.token_ids, chunk.logprobs
 
 
 async def imagine_episode(
     job: EpisodeJob,
-    policy: PolicyCaller,
+    policy: AsyncPolicyClient,
     world_model: AsyncWorldModelClient,
     reward: AsyncRewardClient,
     spec: WorldModelSpec,
@@ -131,14 +103,7 @@ async def imagine_episode(
     policy_s = dream_s = 0.0
     while True:
         t0 = time.monotonic()
-        actions, toks, logps = await policy.act(
-            context[-1],
-            camera,
-            job.instruction,
-            job.policy_version,
-            job.temperature,
-            step_seed(job.seed, chunk_index),
-        )
+        actions, toks, logps = await policy_chunk(policy, context[-1], camera, job, chunk_index)
         if actions.shape != (spec.future_frames, spec.action_dim):
             raise EpisodeError(
                 f"the policy's chunk {actions.shape} does not match the world model's "
@@ -186,7 +151,7 @@ class RolloutWorker:
     def __init__(
         self,
         queue: JobQueue,
-        policy: PolicyCaller,
+        policy: AsyncPolicyClient,
         world_model: AsyncWorldModelClient,
         *,
         name: str,
@@ -199,22 +164,20 @@ class RolloutWorker:
         self.held: dict[str, Job] = {}
         self.stats = WorkerStats()
         self._spec: WorldModelSpec | None = None
-        self._cameras: dict[int, str] = {}
 
     async def _camera(self, version: int) -> str:
-        """The camera name the pinned policy version expects (one camera: the world model renders one view)."""
-        if version not in self._cameras:
-            info = await self.policy.info(version)
-            spec = info.spec
-            if len(spec.camera_names) != 1:
-                raise EpisodeError(f"policy version {version} expects cameras {list(spec.camera_names)}; needs one")
-            if spec.proprio_dim:
-                raise EpisodeError(
-                    f"policy version {version} needs proprio (dim {spec.proprio_dim}), which the world model does "
-                    "not imagine; train it with `wmpo policy train-bc --no-proprio`"
-                )
-            self._cameras[version] = spec.camera_names[0]
-        return self._cameras[version]
+        """The camera the pinned policy version expects (one: the world model renders one view, no proprio)."""
+        try:
+            camera = await self.policy.camera(version)  # the client caches a version number's info
+            proprio_dim = (await self.policy.info(version)).spec.proprio_dim
+        except PolicyClientError as exc:
+            raise EpisodeError(str(exc)) from exc
+        if proprio_dim:
+            raise EpisodeError(
+                f"policy version {version} needs proprio (dim {proprio_dim}), which the world model does "
+                "not imagine; train it with `wmpo policy train-bc --no-proprio`"
+            )
+        return camera
 
     async def spec(self) -> WorldModelSpec:
         if self._spec is None:
