@@ -24,7 +24,7 @@ from wmpo.worldmodel.model import make_world_model
 from wmpo.worldmodel.reward.checkpoint import save_reward_model
 from wmpo.worldmodel.reward.model import RewardModel
 from wmpo.worldmodel.serving.client import WorldModelClient
-from wmpo.worldmodel.serving.triton import serve_dream
+from wmpo.worldmodel.serving.triton import serve_models
 
 
 def in_process_fps(model: torch.nn.Module, size: int, batch: int, steps: int, seconds: float) -> float:
@@ -80,8 +80,8 @@ def main() -> None:
         save_world_model(model, Path(tmp) / "wm", {"steps": 0})
         save_reward_model(RewardModel.create("tiny", size, 8), Path(tmp) / "reward")
         ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
-        triton, _models, _ = serve_dream(Path(tmp) / "wm", Path(tmp) / "reward", ports, max_batch_size=16,
-                                         max_queue_delay_us=5000, bind_address="127.0.0.1")  # fmt: skip
+        triton, _models, _ = serve_models(Path(tmp) / "wm", Path(tmp) / "reward", ports, max_batch_size=16,
+                                          max_queue_delay_us=5000, bind_address="127.0.0.1")  # fmt: skip
         try:
             print("3 steps: Triton (dynamic batching) at N clients vs in-process at batch N, frames/s")
             for n in (1, 4, 16):

@@ -22,7 +22,7 @@ import numpy as np
 
 from wmpo.common.net import free_port, wait_until
 from wmpo.policy.actions import ActionCodec
-from wmpo.policy.checkpoint import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle, load_policy, save_policy
 from wmpo.policy.model import VLAPolicy, make_config
 from wmpo.policy.tokenizer import build_byte_tokenizer
 from wmpo.robot import PolicyClient
@@ -98,8 +98,8 @@ def main() -> None:
     bundle = PolicyBundle(VLAPolicy(make_config(args.config, vocab_size=len(tokenizer))), tokenizer,
                           ActionCodec.identity(4, 4))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = bundle.save(Path(tmp) / "policy")
-        bundle = PolicyBundle.load(checkpoint, device=args.device)
+        checkpoint = save_policy(bundle, Path(tmp) / "policy")
+        bundle = load_policy(checkpoint, device=args.device)
         in_process_latency(bundle, 5)
         local = in_process_latency(bundle, args.calls)
         results: dict[bool, dict[int, float]] = {}

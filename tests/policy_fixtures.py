@@ -9,7 +9,7 @@ import numpy as np
 
 from wmpo.common.tensors import Array
 from wmpo.policy.actions import ActionCodec
-from wmpo.policy.checkpoint import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle, save_policy
 from wmpo.policy.model import VLAPolicy, make_config
 from wmpo.policy.serving.server import PolicyServer
 from wmpo.policy.settings import PolicyServiceSettings
@@ -24,7 +24,7 @@ def make_checkpoint(path: Path, seed: int = 0, *, proprio_dim: int = 4, image_si
     tokenizer = build_byte_tokenizer()
     config = make_config("tiny", vocab_size=len(tokenizer), proprio_dim=proprio_dim, image_size=image_size)
     model = VLAPolicy(config)
-    PolicyBundle(model, tokenizer, ActionCodec.identity(4, proprio_dim), {"seed": seed}).save(path)
+    save_policy(PolicyBundle(model, tokenizer, ActionCodec.identity(4, proprio_dim), {"seed": seed}), path)
     return path
 
 

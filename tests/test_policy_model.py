@@ -12,7 +12,7 @@ from policy_fixtures import make_checkpoint, observation
 from wmpo.common.errors import UserError
 from wmpo.common.tensors import Array
 from wmpo.policy.actions import ActionCodec
-from wmpo.policy.checkpoint import PolicyBundle, PolicyInputs
+from wmpo.policy.checkpoint import PolicyBundle, PolicyInputs, load_policy, save_policy
 from wmpo.policy.tokenizer import build_byte_tokenizer, load_tokenizer
 from wmpo.policy.train import BCConfig, train_bc
 
@@ -20,7 +20,7 @@ from wmpo.policy.train import BCConfig, train_bc
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> PolicyBundle:
     path: Path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "policy")
-    return PolicyBundle.load(path)
+    return load_policy(path)
 
 
 def _inputs(bundle: PolicyBundle, n: int = 3) -> PolicyInputs:
@@ -53,13 +53,13 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(bundle: PolicyBun
 
 
 def test_save_then_load_gives_identical_outputs(bundle: PolicyBundle, tmp_path: Path) -> None:
-    bundle.save(tmp_path / "copy")
-    again = PolicyBundle.load(tmp_path / "copy")
+    save_policy(bundle, tmp_path / "copy")
+    again = load_policy(tmp_path / "copy")
     inputs = _inputs(bundle)
     torch.testing.assert_close(again.logits(again.prepare(*_raw())), bundle.logits(bundle.prepare(*_raw())))
     assert again.spec() == bundle.spec()
     with pytest.raises(UserError, match="is not a wmpo policy checkpoint"):
-        PolicyBundle.load(tmp_path)
+        load_policy(tmp_path)
     del inputs
 
 
@@ -105,6 +105,6 @@ def test_bc_on_expert_data_lowers_validation_loss_and_resumes(tmp_path: Path) ->
     assert len(losses) == 3 and losses[-1] < losses[0]
     resumed = train_bc(data, out, BCConfig(steps=32, eval_every=8, batch_size=16, val_fraction=0.25, warmup_steps=4))
     assert [s for s, _v in resumed.val_losses] == [8, 16, 24, 32]
-    assert PolicyBundle.load(out).info["bc_steps"] == 32
+    assert load_policy(out).info["bc_steps"] == 32
     log = (out / "training" / "log.jsonl").read_text().splitlines()
     assert len(log) == 4

@@ -18,7 +18,7 @@ from policy_fixtures import make_checkpoint, observation, start_server
 from wmpo.common.net import free_port
 from wmpo.common.registry import Registry
 from wmpo.common.tensors import Array, encode_image, to_proto
-from wmpo.policy.checkpoint import PolicyBundle
+from wmpo.policy.checkpoint import load_policy
 from wmpo.policy.serving.server import PolicyServer
 from wmpo.robot import PolicyClient, PolicyClientError
 from wmpo.v1 import policy_pb2
@@ -47,7 +47,7 @@ def test_act_logprobs_match_a_fresh_forward(client: PolicyClient, checkpoint: Pa
     images, proprio = observation(1)
     chunk = client.act(images, "press the button", proprio, temperature=1.6, seed=11, return_logprobs=True)
     assert chunk.actions.shape == (8, 4) and chunk.logprobs is not None and chunk.policy_version == 0
-    bundle = PolicyBundle.load(checkpoint)
+    bundle = load_policy(checkpoint)
     inputs = bundle.prepare([images], [proprio], ["press the button"])
     fresh = bundle.logprobs(inputs, torch.from_numpy(np.array(chunk.token_ids[None])).long(), 1.6).detach().numpy()[0]
     assert np.abs(fresh - chunk.logprobs).max() <= 1e-5

@@ -28,6 +28,7 @@ from typing import Any
 
 from wmpo.common.errors import UserError
 from wmpo.common.fsutil import atomic_write_text, file_lock
+from wmpo.common.training_state import TRAINING_DIR
 
 LATEST = "latest"
 
@@ -141,7 +142,7 @@ class Registry:
 
     # -- writing -------------------------------------------------------------------------------------
     def publish(
-        self, checkpoint: str | Path, metadata: dict[str, str] | None = None, exclude: tuple[str, ...] = ("training",)
+        self, checkpoint: str | Path, metadata: dict[str, str] | None = None, exclude: tuple[str, ...] = (TRAINING_DIR,)
     ) -> VersionInfo:
         """Copy `checkpoint` (less the `exclude` names: training state) in as the next version; move ``latest``."""
         source = Path(checkpoint)

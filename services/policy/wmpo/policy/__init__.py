@@ -1,4 +1,1 @@
-"""The policy service: the VLA network, imitation training, the gRPC policy server, version hot-swap.
-
-Importing this package is cheap (no torch): the robot client (`wmpo.robot`) lives beside it.
-"""
+"""The VLA policy: model, checkpoint, train, metrics, cli (+ tokenizer, actions, sim_source); serving in `serving/`."""

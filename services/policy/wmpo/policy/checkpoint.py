@@ -1,9 +1,10 @@
-"""`PolicyBundle`: a VLA checkpoint directory loaded for inference or training.
+"""Policy checkpoint directories (`save_policy`/`load_policy`) and `PolicyBundle`, the checkpoint loaded.
 
 A checkpoint directory holds ``config.json`` + ``model.safetensors`` (the `VLAPolicy`), ``tokenizer/``,
-``action_stats.json`` (the `ActionCodec`) and ``wmpo_policy.json`` (format marker and training summary).
-The bundle turns numpy observations into model inputs, samples action chunks (tokens, actions, log-probs),
-and recomputes log-probs of given tokens with gradients for GRPO.
+``action_stats.json`` (the `ActionCodec`), ``wmpo_policy.json`` (format marker and training summary), and
+``training/`` state for resume (`wmpo.common.training_state`). The bundle turns numpy observations into model
+inputs, samples action chunks (tokens, actions, log-probs), and recomputes log-probs of given tokens with
+gradients for GRPO.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from wmpo.common.errors import UserError
 from wmpo.common.fsutil import atomic_directory
 from wmpo.common.tensors import Array
+from wmpo.common.training_state import TRAINING_DIR
 from wmpo.policy.actions import ActionCodec
 from wmpo.policy.model import VLAPolicy, sample_tokens, token_logprobs
 from wmpo.policy.tokenizer import load_tokenizer
@@ -74,37 +76,6 @@ class PolicyBundle:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    @classmethod
-    def load(cls, path: Path | str, device: str = "cpu") -> PolicyBundle:
-        """Load a checkpoint directory; `UserError` (one line) when it is not one or is incomplete."""
-        root = Path(path)
-        marker = root / MARKER_FILE
-        if not marker.is_file():
-            raise UserError(f"{root} is not a wmpo policy checkpoint (no {MARKER_FILE})")
-        try:
-            info = json.loads(marker.read_text())
-            model = VLAPolicy.from_pretrained(str(root), local_files_only=True)
-            tokenizer = load_tokenizer(root / "tokenizer")
-            codec = ActionCodec.load(root)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"cannot load policy checkpoint {root}: {exc}".splitlines()[0]) from None
-        model.to(device).eval()  # type: ignore[arg-type]
-        return cls(model, tokenizer, codec, info)
-
-    def save(self, path: Path | str, info: dict[str, Any] | None = None, keep: tuple[str, ...] = ("training",)) -> Path:
-        """Write the checkpoint atomically (a temporary sibling directory renamed into place).
-
-        Subdirectories named in `keep` (training state) are carried over from the checkpoint being replaced.
-        """
-        target = Path(path)
-        with atomic_directory(target, keep=keep) as tmp:
-            self.model.save_pretrained(str(tmp))
-            self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            self.codec.save(tmp)
-            marker = {"format": FORMAT, **self.info, **(info or {})}
-            (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True))
-        return target
 
     def prepare(
         self, images: Sequence[dict[str, Array]], proprio: Sequence[Array], instructions: Sequence[str]
@@ -161,3 +132,32 @@ class PolicyBundle:
             "max_instruction_chars": 256,
             "model_config": str(self.model.config.preset),
         }
+
+
+def save_policy(bundle: PolicyBundle, path: Path | str, info: dict[str, Any] | None = None) -> Path:
+    """Write `bundle` to `path` atomically (`info` added to its marker), keeping an existing ``training/``."""
+    target = Path(path)
+    with atomic_directory(target, keep=(TRAINING_DIR,)) as tmp:
+        bundle.model.save_pretrained(str(tmp))
+        bundle.tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        bundle.codec.save(tmp)
+        marker = {"format": FORMAT, **bundle.info, **(info or {})}
+        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True))
+    return target
+
+
+def load_policy(path: Path | str, device: str = "cpu") -> PolicyBundle:
+    """Load a checkpoint directory (`UserError` in one line when it is not one or is incomplete)."""
+    root = Path(path)
+    marker = root / MARKER_FILE
+    if not marker.is_file():
+        raise UserError(f"{root} is not a wmpo policy checkpoint (no {MARKER_FILE})")
+    try:
+        info = json.loads(marker.read_text())
+        model = VLAPolicy.from_pretrained(str(root), local_files_only=True)
+        tokenizer = load_tokenizer(root / "tokenizer")
+        codec = ActionCodec.load(root)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"cannot load policy checkpoint {root}: {exc}".splitlines()[0]) from None
+    model.to(device).eval()  # type: ignore[arg-type]
+    return PolicyBundle(model, tokenizer, codec, info)

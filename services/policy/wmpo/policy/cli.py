@@ -125,9 +125,9 @@ def publish(
 ) -> None:
     """Publish a checkpoint as the next policy version (moves `latest`)."""
     from wmpo.common.registry import Registry
-    from wmpo.policy.checkpoint import PolicyBundle
+    from wmpo.policy.checkpoint import load_policy
 
-    PolicyBundle.load(checkpoint)  # refuse what would not load
+    load_policy(checkpoint)  # refuse what would not load
     info = Registry(registry, "policy", redis_url=redis).publish(checkpoint, {"note": note} if note else {})
     typer.echo(f"published policy version {info.version} (sha256 {info.sha256[:12]})")
 

@@ -11,14 +11,14 @@ import numpy as np
 
 from wmpo.common.seeds import step_seed
 from wmpo.common.tensors import Array
-from wmpo.policy.checkpoint import PolicyBundle
+from wmpo.policy.checkpoint import load_policy
 
 
 class CheckpointSource:
     """Runs a local `PolicyBundle` in-process, one action chunk per call, executed open loop."""
 
     def __init__(self, path: str, *, device: str = "cpu", temperature: float = 0.0) -> None:
-        self.bundle = PolicyBundle.load(path, device=device)
+        self.bundle = load_policy(path, device=device)
         self.temperature = temperature
         self.label = f"checkpoint:{path}"
         self._seed = 0

@@ -2,31 +2,31 @@
 
 Cross-entropy on the action tokens of each chunk (padding past an episode's end masked out), AdamW with
 warm-up and cosine decay, a validation split by episode, periodic checkpoints that `--out` can resume
-from (the optimizer state and the loss log live in ``<out>/training/``, which is not published).
+from (the optimizer state and the loss log live in ``<out>/training/``, see `wmpo.common.training_state`).
+The loss and the validation loss are in `metrics.py`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
-from wmpo.data.dataset import PolicySamples, TrajectoryDataset, split_episodes
+from wmpo.common.training_state import load_training_state, save_training_state
+from wmpo.data.dataset import TrajectoryDataset, split_episodes
 from wmpo.policy.actions import ActionCodec
-from wmpo.policy.checkpoint import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle, load_policy, save_policy
+from wmpo.policy.metrics import bc_loss, sample_batch, validation_loss
 from wmpo.policy.model import VLAPolicy, make_config
 from wmpo.policy.tokenizer import build_byte_tokenizer
 
 log = get_logger(__name__)
-TRAINING_DIR = "training"
 
 
 @dataclass
@@ -57,26 +57,6 @@ class BCResult:
     checkpoint: Path
 
 
-def _batch(bundle: PolicyBundle, samples: PolicySamples, rows: list[int]) -> tuple[Any, torch.Tensor, torch.Tensor]:
-    items = [samples[i] for i in rows]
-    inputs = bundle.prepare(
-        [{bundle.camera_names[0]: it["image"]} for it in items],
-        [it["proprio"] for it in items],
-        [it["instruction"] for it in items],
-    )
-    tokens = torch.from_numpy(np.stack([bundle.codec.to_tokens(it["actions"]) for it in items])).to(bundle.device)
-    mask = torch.from_numpy(np.stack([it["mask"] for it in items])).to(bundle.device)
-    return inputs, tokens, mask
-
-
-def bc_loss(bundle: PolicyBundle, inputs: Any, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the action tokens of real (unpadded) steps."""
-    logits = bundle.logits(inputs)  # [B, T, A, bins]
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 2), tokens.flatten(), reduction="none")
-    weights = mask[:, :, None].expand_as(tokens).flatten().float()
-    return (ce * weights).sum() / weights.sum().clamp_min(1.0)
-
-
 def train_bc(
     data: Path, out: Path, config: BCConfig, *, on_step: Callable[[int, float, float | None], None] | None = None
 ) -> BCResult:
@@ -89,10 +69,9 @@ def train_bc(
     all_samples = dataset.policy_samples(config.chunk_length)
     train_rows = [i for i, (e, _t) in enumerate(all_samples.index) if int(e) in set(train_ids)]
     val_rows = [i for i, (e, _t) in enumerate(all_samples.index) if int(e) in set(val_ids)]
-    state_path = out / TRAINING_DIR / "state.pt"
-    if state_path.is_file():
-        bundle = PolicyBundle.load(out, device=config.device)
-        state = torch.load(state_path, map_location=config.device, weights_only=False)
+    state = load_training_state(out, config.device)
+    if state is not None:
+        bundle = load_policy(out, device=config.device)
         start = int(state["step"])
         log.info("resuming imitation training", checkpoint=str(out), step=start)
     else:
@@ -113,7 +92,7 @@ def train_bc(
         model = VLAPolicy(model_config)
         model.to(config.device)  # type: ignore[arg-type]
         bundle = PolicyBundle(model, tokenizer, codec)
-        state, start = None, 0
+        start = 0
     optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -127,7 +106,9 @@ def train_bc(
         bundle.model.train()
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _lr_factor(step - 1, config)
-        inputs, tokens, mask = _batch(bundle, all_samples, rng.choice(train_rows, size=config.batch_size).tolist())
+        inputs, tokens, mask = sample_batch(
+            bundle, all_samples, rng.choice(train_rows, size=config.batch_size).tolist()
+        )
         loss = bc_loss(bundle, inputs, tokens, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -136,7 +117,7 @@ def train_bc(
         train_loss = float(loss.detach())
         val = None
         if step % config.eval_every == 0 or step == config.steps:
-            val = _validate(bundle, all_samples, val_subset, config.batch_size)
+            val = validation_loss(bundle, all_samples, val_subset, config.batch_size)
             if val is not None:
                 val_losses.append((step, val))
             _save(bundle, out, optimizer, step, val_losses, config, train_loss)
@@ -154,18 +135,6 @@ def _lr_factor(step: int, config: BCConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@torch.no_grad()
-def _validate(bundle: PolicyBundle, samples: PolicySamples, rows: list[int], batch_size: int) -> float | None:
-    if not rows:
-        return None
-    bundle.model.eval()
-    losses = []
-    for i in range(0, len(rows), batch_size):
-        inputs, tokens, mask = _batch(bundle, samples, [int(r) for r in rows[i : i + batch_size]])
-        losses.append(float(bc_loss(bundle, inputs, tokens, mask)))
-    return float(np.mean(losses))
-
-
 def _save(
     bundle: PolicyBundle,
     out: Path,
@@ -177,10 +146,10 @@ def _save(
 ) -> None:
     info = {"trained_by": "bc", "bc_steps": step, "bc_train_loss": train_loss,
             "bc_val_loss": val_losses[-1][1] if val_losses else None}  # fmt: skip
-    bundle.save(out, info=info)
-    training = out / TRAINING_DIR
-    training.mkdir(exist_ok=True)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "val_losses": val_losses}, training / "state.pt")
-    (training / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    with (training / "log.jsonl").open("a") as fh:
-        fh.write(json.dumps({"step": step, "train_loss": train_loss, "val_loss": info["bc_val_loss"]}) + "\n")
+    save_policy(bundle, out, info)
+    save_training_state(
+        out,
+        {"step": step, "optimizer": optimizer.state_dict(), "val_losses": val_losses},
+        config=asdict(config),
+        log={"step": step, "train_loss": train_loss, "val_loss": info["bc_val_loss"]},
+    )

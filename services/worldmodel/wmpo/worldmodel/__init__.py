@@ -1,2 +1,1 @@
-"""The world-model ("dream") service: the action-conditioned video diffusion model, the reward model,
-their training and evaluation, Triton serving, and the gRPC Imagination API."""
+"""The world model: model, checkpoint, train, metrics, cli (plus rollout_rules); `reward/` and `serving/` beside."""

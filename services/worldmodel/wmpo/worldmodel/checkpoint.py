@@ -1,4 +1,5 @@
-"""World-model checkpoint directories: the (EMA) weights and config, plus ``training/`` state for resume."""
+"""World-model checkpoint directories: the (EMA) weights and config, ``wmpo_worldmodel.json``, and ``training/``
+state for resume (`wmpo.common.training_state`)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 
 from wmpo.common.errors import UserError
 from wmpo.common.fsutil import atomic_directory
+from wmpo.common.training_state import TRAINING_DIR
 from wmpo.worldmodel.model import WorldModel
 
 MARKER_FILE = "wmpo_worldmodel.json"
-TRAINING_DIR = "training"
 
 
 def save_world_model(model: WorldModel, path: Path, info: dict[str, Any]) -> Path:

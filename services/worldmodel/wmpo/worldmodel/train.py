@@ -1,10 +1,10 @@
-"""World-model training: EDM on (K context, F actions, F future) windows, with EMA weights, resume,
-periodic one-step evaluation against copy-last-frame, and fine-tuning from `--init` (WMPO's alignment)."""
+"""World-model training: EDM on (K context, F actions, F future) windows, with EMA weights, resume (state in
+``<out>/training/``, see `wmpo.common.training_state`), periodic one-step evaluation against copy-last-frame
+(`metrics.one_step_mse`), and fine-tuning from `--init` (WMPO's alignment)."""
 
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,9 +15,11 @@ import torch
 
 from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
-from wmpo.data.dataset import TrajectoryDataset, WorldModelWindows, split_episodes
-from wmpo.worldmodel.checkpoint import TRAINING_DIR, load_world_model, save_world_model
-from wmpo.worldmodel.model import WorldModel, make_world_model, to_model_frames
+from wmpo.common.training_state import load_training_state, save_training_state
+from wmpo.data.dataset import TrajectoryDataset, split_episodes
+from wmpo.worldmodel.checkpoint import load_world_model, save_world_model
+from wmpo.worldmodel.metrics import one_step_mse, window_batch
+from wmpo.worldmodel.model import WorldModel, make_world_model
 
 log = get_logger(__name__)
 
@@ -53,29 +55,6 @@ class WMTrainResult:
     checkpoint: Path
 
 
-def _batch(windows: WorldModelWindows, rows: list[int], device: str) -> tuple[torch.Tensor, ...]:
-    items = [windows[i] for i in rows]
-    context = to_model_frames(torch.from_numpy(np.stack([it["context"] for it in items])))
-    actions = torch.from_numpy(np.stack([it["actions"] for it in items])).float()
-    future = to_model_frames(torch.from_numpy(np.stack([it["future"] for it in items])))
-    return context.to(device), actions.to(device), future.to(device)
-
-
-def one_step_mse(
-    model: WorldModel, windows: WorldModelWindows, rows: list[int], steps: int, device: str
-) -> dict[str, float]:
-    """Mean squared error (pixels in [-1, 1]) of the first imagined frame vs copying the last context frame."""
-    model.eval()
-    errors, baseline = [], []
-    generator = torch.Generator().manual_seed(0)
-    for i in range(0, len(rows), 16):
-        context, actions, future = _batch(windows, rows[i : i + 16], device)
-        imagined = model.sample(context, actions, steps=steps, generator=generator)
-        errors.append(((imagined[:, 0] - future[:, 0]) ** 2).mean(dim=(1, 2, 3)).cpu())
-        baseline.append(((context[:, -1] - future[:, 0]) ** 2).mean(dim=(1, 2, 3)).cpu())
-    return {"mse_h1": float(torch.cat(errors).mean()), "copy_last_mse_h1": float(torch.cat(baseline).mean())}
-
-
 def train_world_model(
     data: Path,
     out: Path,
@@ -97,11 +76,9 @@ def train_world_model(
     train_rows = [i for i, (e, _t) in enumerate(windows.index) if int(e) not in val_eps]
     val_rows = [i for i, (e, _t) in enumerate(windows.index) if int(e) in val_eps] or train_rows
     val_rows = sorted(np.random.default_rng(config.seed).permutation(val_rows)[: config.val_windows].tolist())
-    state_path = out / TRAINING_DIR / "state.pt"
-    state: dict[str, Any] | None = None
-    if state_path.is_file():
+    state = load_training_state(out, config.device)
+    if state is not None:
         model, _info = load_world_model(out, config.device)
-        state = torch.load(state_path, map_location=config.device, weights_only=False)
         log.info("resuming world-model training", checkpoint=str(out), step=state["step"])
     elif init is not None:
         model, _info = load_world_model(init, config.device)
@@ -129,7 +106,7 @@ def train_world_model(
     for step in range(start + 1, config.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, step / max(1, config.warmup_steps))
-        context, actions, future = _batch(
+        context, actions, future = window_batch(
             windows, rng.choice(train_rows, size=config.batch_size).tolist(), config.device
         )
         loss = model.training_loss(context, actions, future, generator=generator if config.device == "cpu" else None)
@@ -166,10 +143,9 @@ def _save(
     config: WMTrainConfig,
 ) -> None:
     save_world_model(ema, out, {"steps": step, "last_eval": evals[-1] if evals else None})
-    training = out / TRAINING_DIR
-    training.mkdir(exist_ok=True)
-    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "evals": evals},
-               training / "state.pt")  # fmt: skip
-    (training / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    with (training / "log.jsonl").open("a") as fh:
-        fh.write(json.dumps(evals[-1] if evals else {"step": step}) + "\n")
+    save_training_state(
+        out,
+        {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "evals": evals},
+        config=asdict(config),
+        log=evals[-1] if evals else {"step": step},
+    )

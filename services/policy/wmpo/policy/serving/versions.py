@@ -19,7 +19,7 @@ from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import counter, gauge
 from wmpo.common.registry import CorruptVersionError, Registry, VersionInfo, VersionNotFoundError, directory_sha256
-from wmpo.policy.checkpoint import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle, load_policy
 
 log = get_logger(__name__)
 LOADED_VERSION = gauge("policy_current_version", "Policy version answering unpinned requests.")
@@ -71,7 +71,7 @@ class VersionManager:
     def load_initial(self) -> None:
         """Load the checkpoint, or the version the followed alias points at (if any yet)."""
         if self.checkpoint is not None:
-            bundle = PolicyBundle.load(self.checkpoint, device=self.device)
+            bundle = load_policy(self.checkpoint, device=self.device)
             self._install(Resident(0, directory_sha256(self.checkpoint), bundle), make_current=True)
             return
         self.refresh()
@@ -112,7 +112,7 @@ class VersionManager:
             assert self.registry is not None
             try:
                 info = self.registry.verify(version)
-                bundle = PolicyBundle.load(info.path, device=self.device)
+                bundle = load_policy(info.path, device=self.device)
             except (CorruptVersionError, UserError, OSError) as exc:
                 reason = str(exc)
                 with self._lock:

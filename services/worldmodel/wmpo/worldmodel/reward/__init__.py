@@ -1,1 +1,1 @@
-"""The reward model: a video success classifier (model, checkpoint, train, metrics)."""
+"""The reward model (a video success classifier): model, checkpoint, train, metrics, cli."""

@@ -8,13 +8,14 @@ A reward client made with `beside(world_model_client)` shares that client's conn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
 from wmpo.common.tensors import Array
 
-DREAM, REWARD = "dream", "reward"
+# The Triton model names (part of the wire contract; the world model is served as `dream`).
+WORLD_MODEL_NAME, REWARD_MODEL_NAME = "dream", "reward"
 
 
 @dataclass(frozen=True)
@@ -52,118 +53,109 @@ def _clip_input(module: Any, clips: Array) -> list[Any]:
     return [item]
 
 
-def _spec(dream_config: dict[str, Any], reward_config: dict[str, Any], version: str) -> WorldModelSpec:
-    shapes = {i["name"]: [int(d) for d in i["dims"]] for i in dream_config["input"]}
+def _spec(world_config: dict[str, Any], reward_config: dict[str, Any], version: str) -> WorldModelSpec:
+    shapes = {i["name"]: [int(d) for d in i["dims"]] for i in world_config["input"]}
     clip = [int(d) for d in reward_config["input"][0]["dims"]]
     k, h, _w, c = shapes["context"]
     f, a = shapes["actions"]
     return WorldModelSpec(k, f, h, c, a, clip[0], version)
 
 
-class WorldModelClient:
-    """Synchronous world-model client: `spec` of the served pair, `imagine` one chunk."""
+def _frames(result: Any) -> tuple[Array, int]:
+    return result.as_numpy("frames")[0], int(result.as_numpy("model_version")[0, 0])
+
+
+def _probability(result: Any) -> Array:
+    probability: Array = result.as_numpy("probability")[:, 0]
+    return probability
+
+
+class _TritonClient:
+    """One connection to Triton (`tritonclient.grpc`, or `.aio` when `_AIO`), owned or shared."""
+
+    _AIO = False
 
     def __init__(self, url: str, timeout: float = 60.0) -> None:
-        import tritonclient.grpc as grpcclient
-
-        self._module = grpcclient
-        self.client = grpcclient.InferenceServerClient(url=url)
-        self.timeout = timeout
-
-    def spec(self) -> WorldModelSpec:
-        dream = self.client.get_model_config(DREAM, as_json=True)["config"]
-        reward = self.client.get_model_config(REWARD, as_json=True)["config"]
-        version = self.client.get_model_metadata(DREAM, as_json=True)["versions"][0]
-        return _spec(dream, reward, str(version))
-
-    def imagine(self, context: Array, actions: Array, seed: int) -> tuple[Array, int]:
-        """context uint8 [K,H,W,C], actions [F,A] -> (frames uint8 [F,H,W,C], world-model version)."""
-        result = self.client.infer(DREAM, _inputs(self._module, context, actions, seed), client_timeout=self.timeout)
-        return result.as_numpy("frames")[0], int(result.as_numpy("model_version")[0, 0])
-
-    def close(self) -> None:
-        self.client.close()
-
-
-class RewardClient:
-    """Synchronous reward-model client: P(success) for a batch of clips."""
-
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
-        import tritonclient.grpc as grpcclient
-
-        self._module = grpcclient
-        self.client = grpcclient.InferenceServerClient(url=url)
+        if self._AIO:
+            import tritonclient.grpc.aio as module
+        else:
+            import tritonclient.grpc as module
+        self._module: Any = module
+        self.client: Any = module.InferenceServerClient(url=url)
         self.timeout = timeout
         self._owned = True
 
     @classmethod
-    def beside(cls, world_model: WorldModelClient) -> RewardClient:
-        """A reward client on the world-model client's connection (closing it leaves that connection open)."""
-        reward = cls.__new__(cls)
-        reward._module, reward.client, reward.timeout = world_model._module, world_model.client, world_model.timeout
-        reward._owned = False
-        return reward
+    def beside(cls, other: _TritonClient) -> Self:
+        """A client on `other`'s connection to the same Triton (closing it leaves that connection open)."""
+        if other._AIO != cls._AIO:
+            raise TypeError(f"{cls.__name__} cannot share the connection of a {type(other).__name__}")
+        client = cls.__new__(cls)
+        client._module, client.client, client.timeout = other._module, other.client, other.timeout
+        client._owned = False
+        return client
 
-    def probability(self, clips: Array) -> Array:
-        """uint8 clips [B,N,H,W,C] -> P(success) [B]."""
-        result = self.client.infer(REWARD, _clip_input(self._module, clips), client_timeout=self.timeout)
-        probability: Array = result.as_numpy("probability")[:, 0]
-        return probability
+
+class WorldModelClient(_TritonClient):
+    """Synchronous world-model client: `spec` of the served pair, `imagine` one chunk."""
+
+    def spec(self) -> WorldModelSpec:
+        world = self.client.get_model_config(WORLD_MODEL_NAME, as_json=True)["config"]
+        reward = self.client.get_model_config(REWARD_MODEL_NAME, as_json=True)["config"]
+        version = self.client.get_model_metadata(WORLD_MODEL_NAME, as_json=True)["versions"][0]
+        return _spec(world, reward, str(version))
+
+    def imagine(self, context: Array, actions: Array, seed: int) -> tuple[Array, int]:
+        """context uint8 [K,H,W,C], actions [F,A] -> (frames uint8 [F,H,W,C], world-model version)."""
+        inputs = _inputs(self._module, context, actions, seed)
+        return _frames(self.client.infer(WORLD_MODEL_NAME, inputs, client_timeout=self.timeout))
 
     def close(self) -> None:
         if self._owned:
             self.client.close()
 
 
-class AsyncWorldModelClient:
+class RewardClient(_TritonClient):
+    """Synchronous reward-model client: P(success) for a batch of clips."""
+
+    def probability(self, clips: Array) -> Array:
+        """uint8 clips [B,N,H,W,C] -> P(success) [B]."""
+        inputs = _clip_input(self._module, clips)
+        return _probability(self.client.infer(REWARD_MODEL_NAME, inputs, client_timeout=self.timeout))
+
+    def close(self) -> None:
+        if self._owned:
+            self.client.close()
+
+
+class AsyncWorldModelClient(_TritonClient):
     """asyncio client (`tritonclient.grpc.aio`) with the same calls as `WorldModelClient`."""
 
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
-        import tritonclient.grpc.aio as aioclient
-
-        self._module = aioclient
-        self.client = aioclient.InferenceServerClient(url=url)
-        self.timeout = timeout
+    _AIO = True
 
     async def spec(self) -> WorldModelSpec:
-        dream = (await self.client.get_model_config(DREAM, as_json=True))["config"]
-        reward = (await self.client.get_model_config(REWARD, as_json=True))["config"]
-        version = (await self.client.get_model_metadata(DREAM, as_json=True))["versions"][0]
-        return _spec(dream, reward, str(version))
+        world = (await self.client.get_model_config(WORLD_MODEL_NAME, as_json=True))["config"]
+        reward = (await self.client.get_model_config(REWARD_MODEL_NAME, as_json=True))["config"]
+        version = (await self.client.get_model_metadata(WORLD_MODEL_NAME, as_json=True))["versions"][0]
+        return _spec(world, reward, str(version))
 
     async def imagine(self, context: Array, actions: Array, seed: int) -> tuple[Array, int]:
-        result = await self.client.infer(
-            DREAM, _inputs(self._module, context, actions, seed), client_timeout=self.timeout
-        )
-        return result.as_numpy("frames")[0], int(result.as_numpy("model_version")[0, 0])
+        inputs = _inputs(self._module, context, actions, seed)
+        return _frames(await self.client.infer(WORLD_MODEL_NAME, inputs, client_timeout=self.timeout))
 
     async def close(self) -> None:
-        await self.client.close()
+        if self._owned:
+            await self.client.close()
 
 
-class AsyncRewardClient:
+class AsyncRewardClient(_TritonClient):
     """asyncio client with the same calls as `RewardClient`."""
 
-    def __init__(self, url: str, timeout: float = 60.0) -> None:
-        import tritonclient.grpc.aio as aioclient
-
-        self._module = aioclient
-        self.client = aioclient.InferenceServerClient(url=url)
-        self.timeout = timeout
-        self._owned = True
-
-    @classmethod
-    def beside(cls, world_model: AsyncWorldModelClient) -> AsyncRewardClient:
-        """A reward client on the world-model client's connection (closing it leaves that connection open)."""
-        reward = cls.__new__(cls)
-        reward._module, reward.client, reward.timeout = world_model._module, world_model.client, world_model.timeout
-        reward._owned = False
-        return reward
+    _AIO = True
 
     async def probability(self, clips: Array) -> Array:
-        result = await self.client.infer(REWARD, _clip_input(self._module, clips), client_timeout=self.timeout)
-        probability: Array = result.as_numpy("probability")[:, 0]
-        return probability
+        inputs = _clip_input(self._module, clips)
+        return _probability(await self.client.infer(REWARD_MODEL_NAME, inputs, client_timeout=self.timeout))
 
     async def close(self) -> None:
         if self._owned:

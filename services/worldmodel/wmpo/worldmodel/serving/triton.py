@@ -26,9 +26,9 @@ from wmpo.worldmodel.checkpoint import load_world_model
 from wmpo.worldmodel.model import WorldModel, to_model_frames, to_uint8_frames
 from wmpo.worldmodel.reward.checkpoint import load_reward_model
 from wmpo.worldmodel.reward.model import RewardModel
+from wmpo.worldmodel.serving.client import REWARD_MODEL_NAME, WORLD_MODEL_NAME
 
 log = get_logger(__name__)
-DREAM, REWARD = "dream", "reward"
 
 
 @dataclass
@@ -69,7 +69,7 @@ class ServedModels:
             self.reward = reward
             self.reward_version = version
 
-    def dream(self, context: Array, actions: Array, seeds: Array) -> tuple[Array, Array]:
+    def imagine(self, context: Array, actions: Array, seeds: Array) -> tuple[Array, Array]:
         """Batched: context [B,K,H,W,C] uint8, actions [B,F,A], seeds [B,1] -> frames [B,F,H,W,C], version [B,1]."""
         loaded = self._world
         model = loaded.model
@@ -95,19 +95,19 @@ def bind_models(triton: Any, models: ServedModels, *, max_batch_size: int, max_q
     batcher = DynamicBatcher(max_queue_delay_microseconds=max_queue_delay_us)
 
     @batch  # type: ignore[untyped-decorator]
-    def dream(context: Array, actions: Array, seed: Array) -> dict[str, Array]:
-        frames, versions = models.dream(context, actions, seed)
+    def infer_world_model(context: Array, actions: Array, seed: Array) -> dict[str, Array]:
+        frames, versions = models.imagine(context, actions, seed)
         return {"frames": frames, "model_version": versions}
 
     @batch  # type: ignore[untyped-decorator]
-    def reward(clip: Array) -> dict[str, Array]:
+    def infer_reward(clip: Array) -> dict[str, Array]:
         return {"probability": models.reward_probability(clip)}
 
     size, channels = int(cfg.image_size), int(cfg.channels)
     triton.bind(
-        model_name=DREAM,
+        model_name=WORLD_MODEL_NAME,
         model_version=models.world.version,
-        infer_func=dream,
+        infer_func=infer_world_model,
         inputs=[
             Tensor(name="context", dtype=np.uint8, shape=(int(cfg.context_frames), size, size, channels)),
             Tensor(name="actions", dtype=np.float32, shape=(int(cfg.future_frames), int(cfg.action_dim))),
@@ -121,8 +121,8 @@ def bind_models(triton: Any, models: ServedModels, *, max_batch_size: int, max_q
         strict=True,
     )
     triton.bind(
-        model_name=REWARD,
-        infer_func=reward,
+        model_name=REWARD_MODEL_NAME,
+        infer_func=infer_reward,
         inputs=[Tensor(name="clip", dtype=np.uint8, shape=(models.reward.clip_len, size, size, channels))],
         outputs=[Tensor(name="probability", dtype=np.float32, shape=(1,))],
         config=ModelConfig(max_batch_size=max_batch_size, batcher=batcher),
@@ -208,7 +208,7 @@ class WorldModelWatcher:
         self._stop.set()
 
 
-def serve_dream(
+def serve_models(
     world: Path | None,
     reward: Path | None,
     ports: TritonPorts,

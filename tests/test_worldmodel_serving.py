@@ -1,4 +1,4 @@
-"""Triton `dream`/`reward` serving and the Imagination gRPC API, with real Triton, Redis and gRPC."""
+"""World-model serving: Triton `dream`/`reward` and the Imagination gRPC API, with real Triton, Redis and gRPC."""
 
 from __future__ import annotations
 
@@ -24,20 +24,20 @@ from wmpo.worldmodel.reward.checkpoint import save_reward_model
 from wmpo.worldmodel.reward.model import RewardModel
 from wmpo.worldmodel.serving.client import RewardClient, WorldModelClient
 from wmpo.worldmodel.serving.imagination import ImaginationServicer, SessionLimits
-from wmpo.worldmodel.serving.triton import ServedModels, serve_dream
+from wmpo.worldmodel.serving.triton import ServedModels, serve_models
 
 SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def dream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonPorts, ServedModels, Path]]:
-    root = tmp_path_factory.mktemp("dream")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TritonPorts, ServedModels, Path]]:
+    root = tmp_path_factory.mktemp("worldmodel")
     torch.manual_seed(0)
     save_world_model(make_world_model("tiny", image_size=SIZE), root / "wm", {"steps": 0})
     save_reward_model(RewardModel.create("tiny", SIZE, 8), root / "reward")
     ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
-    triton, models, _watcher = serve_dream(root / "wm", root / "reward", ports, max_batch_size=16,
-                                           max_queue_delay_us=20_000, bind_address="127.0.0.1")  # fmt: skip
+    triton, models, _watcher = serve_models(root / "wm", root / "reward", ports, max_batch_size=16,
+                                            max_queue_delay_us=20_000, bind_address="127.0.0.1")  # fmt: skip
     try:
         yield ports, models, root
     finally:
@@ -50,8 +50,8 @@ def _inputs(seed: int = 0) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
 
 
 @pytest.mark.triton
-def test_dream_over_grpc_matches_in_process(dream: tuple[TritonPorts, ServedModels, Path]) -> None:
-    ports, models, _root = dream
+def test_world_model_over_grpc_matches_in_process(served: tuple[TritonPorts, ServedModels, Path]) -> None:
+    ports, models, _root = served
     client = WorldModelClient(ports.grpc_url)
     spec = client.spec()
     assert (spec.context_frames, spec.future_frames, spec.image_size, spec.action_dim, spec.clip_len) == (
@@ -74,8 +74,8 @@ def test_dream_over_grpc_matches_in_process(dream: tuple[TritonPorts, ServedMode
 
 
 @pytest.mark.triton
-def test_concurrent_requests_are_batched_by_triton(dream: tuple[TritonPorts, ServedModels, Path]) -> None:
-    ports, _models, _root = dream
+def test_concurrent_requests_are_batched_by_triton(served: tuple[TritonPorts, ServedModels, Path]) -> None:
+    ports, _models, _root = served
     before = _triton_counts(ports)
     errors: list[BaseException] = []
 
@@ -114,9 +114,9 @@ def _triton_counts(ports: TritonPorts) -> tuple[int, int]:
 
 @pytest.fixture
 def imagination(
-    dream: tuple[TritonPorts, ServedModels, Path], redis_url: str, grpc_server: Callable[..., GrpcServer]
+    served: tuple[TritonPorts, ServedModels, Path], redis_url: str, grpc_server: Callable[..., GrpcServer]
 ) -> Iterator[imagination_pb2_grpc.ImaginationStub]:
-    ports, _models, _root = dream
+    ports, _models, _root = served
     servicer = ImaginationServicer(
         WorldModelClient(ports.grpc_url), redis_url, SessionLimits(ttl_s=2, default_horizon=12)
     )
@@ -206,12 +206,12 @@ def test_sessions_expire_and_bad_input_is_rejected(imagination: imagination_pb2_
 
 @pytest.mark.triton
 def test_a_published_world_model_is_swapped_in_without_restarting_triton(
-    dream: tuple[TritonPorts, ServedModels, Path], tmp_path: Path
+    served: tuple[TritonPorts, ServedModels, Path], tmp_path: Path
 ) -> None:
     from wmpo.common.registry import Registry
     from wmpo.worldmodel.serving.triton import WorldModelWatcher
 
-    ports, models, root = dream
+    ports, models, root = served
     original = models.world
     registry = Registry(tmp_path / "registry", "worldmodel")
     registry.publish(root / "wm")
@@ -233,12 +233,12 @@ def test_a_published_world_model_is_swapped_in_without_restarting_triton(
 
 
 @pytest.mark.triton
-def test_async_client_for_rollout_workers(dream: tuple[TritonPorts, ServedModels, Path]) -> None:
+def test_async_client_for_rollout_workers(served: tuple[TritonPorts, ServedModels, Path]) -> None:
     import asyncio
 
     from wmpo.worldmodel.serving.client import AsyncWorldModelClient
 
-    ports, _models, _root = dream
+    ports, _models, _root = served
 
     async def run() -> tuple[list[tuple[np.ndarray[Any, Any], int]], Any]:
         client = AsyncWorldModelClient(ports.grpc_url)
@@ -259,7 +259,7 @@ def test_async_client_for_rollout_workers(dream: tuple[TritonPorts, ServedModels
 @pytest.mark.triton
 @pytest.mark.redis
 def test_reset_from_a_dataset_start_state(
-    dream: tuple[TritonPorts, ServedModels, Path],
+    served: tuple[TritonPorts, ServedModels, Path],
     redis_url: str,
     grpc_server: Callable[..., GrpcServer],
     tmp_path: Path,
@@ -269,7 +269,7 @@ def test_reset_from_a_dataset_start_state(
     from wmpo.sim.sources import SourceSpec
     from wmpo.sim.tasks import get_task
 
-    ports, _models, _root = dream
+    ports, _models, _root = served
     list(run_many(get_task("reach"), SourceSpec("expert"), [3], image_size=SIZE, out_dir=tmp_path / "data"))
     episode = TrajectoryDataset(tmp_path / "data").episode(0)
     servicer = ImaginationServicer(
