@@ -10,9 +10,10 @@ import pytest
 import torch
 from policy_fixtures import make_checkpoint
 
-from wmpo.policy.checkpoint import PolicyBundle
+from wmpo.policy.checkpoint import load_policy
 from wmpo.trainer.grpo import GRPOConfig, Samples, clipped_loss, group_advantages, grpo_update, keep_group
 from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult, MessageError, pack, unpack
+from wmpo.trainer.runconfig import RunConfig
 
 
 def test_group_advantages_by_hand() -> None:
@@ -69,7 +70,7 @@ def test_ratio_one_gives_the_plain_policy_gradient_objective() -> None:
 
 
 def test_update_starts_at_ratio_one_and_moves_the_policy(tmp_path: Path) -> None:
-    bundle = PolicyBundle.load(make_checkpoint(tmp_path / "p", proprio_dim=0, image_size=32))
+    bundle = load_policy(make_checkpoint(tmp_path / "p", proprio_dim=0, image_size=32))
     rng = np.random.default_rng(0)
     n = 6
     observations = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
@@ -79,13 +80,25 @@ def test_update_starts_at_ratio_one_and_moves_the_policy(tmp_path: Path) -> None
                       np.array([1, -1, 1, -1, 1, -1], np.float32))  # fmt: skip
     before = [p.detach().clone() for p in bundle.model.parameters()]
     optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=1e-3, weight_decay=0.0)
-    stats = grpo_update(bundle, optimizer, samples, GRPOConfig(minibatch_size=4, epochs=2), rng)
+    config = GRPOConfig.from_run(RunConfig.load(None, minibatch_size=4, epochs=2))
+    assert config.optimizer_steps(n) == 4
+    stats = grpo_update(bundle, optimizer, samples, config, rng)
     assert stats.first_max_abs_log_ratio < 1e-4  # learner log-probs of θ_old == the sampler's
     assert stats.optimizer_steps == 4  # 2 epochs x ceil(6/4)
     assert any(not torch.equal(a, b) for a, b in zip(before, bundle.model.parameters(), strict=True))
     with pytest.raises(ValueError, match="no samples"):
         grpo_update(bundle, optimizer, Samples(observations[:0], [], acted.tokens[:0], acted.logprobs[:0],
-                                               np.zeros(0, np.float32)), GRPOConfig(), rng)  # fmt: skip
+                                               np.zeros(0, np.float32)), config, rng)  # fmt: skip
+
+
+def test_grpo_config_is_the_run_configs_grpo_part() -> None:
+    run = RunConfig.load(None, lr=1e-4, clip_high=0.3, epochs=3, minibatch_size=16, keep_low=0.2, temperature=1.2)
+    config = GRPOConfig.from_run(run)
+    assert (config.lr, config.clip_high, config.epochs, config.minibatch_size) == (1e-4, 0.3, 3, 16)
+    assert (config.keep_low, config.keep_high, config.temperature) == (0.2, run.keep_high, 1.2)
+    assert (config.clip_low, config.entropy_coef, config.grad_clip) == (0.2, 0.0, 1.0), "the paper's defaults"
+    assert config.advantage_eps == 1e-6
+    assert config.optimizer_steps(33) == 3 * 3  # 3 epochs x ceil(33/16)
 
 
 def test_jobs_and_results_round_trip_without_pickle() -> None:

@@ -36,7 +36,7 @@ from wmpo.worldmodel.model import make_world_model
 from wmpo.worldmodel.reward.checkpoint import save_reward_model
 from wmpo.worldmodel.reward.model import RewardModel
 from wmpo.worldmodel.serving.client import WorldModelClient
-from wmpo.worldmodel.serving.triton import serve_dream
+from wmpo.worldmodel.serving.triton import serve_models
 
 SIZE = 32
 WMPO = [sys.executable, "-m", "wmpo.common.cli"]
@@ -71,8 +71,8 @@ def services(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
     save_reward_model(RewardModel.create("tiny", SIZE, 8), root / "reward")
     Registry(registry, "reward").publish(root / "reward")
     ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
-    triton, _models, watcher = serve_dream(None, None, ports, registry=str(registry), max_batch_size=16,
-                                           max_queue_delay_us=5000, bind_address="127.0.0.1")  # fmt: skip
+    triton, _models, watcher = serve_models(None, None, ports, registry=str(registry), max_batch_size=16,
+                                            max_queue_delay_us=5000, bind_address="127.0.0.1")  # fmt: skip
     policy = start_server(registry=str(registry), redis_url=redis_server.url)
     try:
         yield Services(root, registry, dataset, redis_server.url, policy, ports)

@@ -24,7 +24,8 @@ from wmpo.common.media import write_gif
 from wmpo.common.net import free_port, port_is_open, wait_until
 from wmpo.common.process import is_running
 from wmpo.common.registry import Registry
-from wmpo.trainer.control.api import create_app
+from wmpo.trainer.control.app import create_app
+from wmpo.trainer.control.launcher import LearnerLauncher
 from wmpo.trainer.control.plots import svg_lines, svg_plot
 from wmpo.trainer.control.runs import (
     DIED_ERROR,
@@ -65,17 +66,21 @@ STUBBORN_LEARNER = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SI
 CRASHING_LEARNER = "import sys\nprint('config is broken', flush=True)\nsys.exit(3)\n"
 
 
-def _store(tmp_path: Path, script: str = FAKE_LEARNER) -> RunStore:
-    return RunStore(tmp_path / "runs", command=[sys.executable, "-c", script])
+def _launcher(tmp_path: Path, script: str = FAKE_LEARNER) -> LearnerLauncher:
+    return LearnerLauncher(_store(tmp_path), command=[sys.executable, "-c", script])
+
+
+def _store(tmp_path: Path) -> RunStore:
+    return RunStore(tmp_path / "runs")
 
 
 @pytest.fixture
-def cleanup() -> Iterator[list[RunStore]]:
-    """Stores whose learner processes are killed after the test, whatever happened."""
-    stores: list[RunStore] = []
-    yield stores
-    for store in stores:
-        for record in store.list():
+def cleanup() -> Iterator[list[LearnerLauncher]]:
+    """Launchers whose learner processes are killed after the test, whatever happened."""
+    launchers: list[LearnerLauncher] = []
+    yield launchers
+    for launcher in launchers:
+        for record in launcher.store.list():
             if record.pid is not None and is_running(record.pid):
                 os.killpg(record.pid, signal.SIGKILL)
 
@@ -87,9 +92,9 @@ def _settings(tmp_path: Path, redis_url: str = "") -> TrainerSettings:
 
 
 def _client(
-    tmp_path: Path, token: str | None = TOKEN, redis_url: str = "", store: RunStore | None = None
+    tmp_path: Path, token: str | None = TOKEN, redis_url: str = "", launcher: LearnerLauncher | None = None
 ) -> TestClient:
-    app = create_app(_settings(tmp_path, redis_url), token, store=store or _store(tmp_path), stop_timeout=10)
+    app = create_app(_settings(tmp_path, redis_url), token, launcher=launcher or _launcher(tmp_path), stop_timeout=10)
     return TestClient(app)
 
 
@@ -170,36 +175,38 @@ def test_a_running_run_whose_process_is_gone_is_failed(tmp_path: Path) -> None:
     assert store.get("halting").status == "stopped"
 
 
-def test_start_and_stop_a_real_learner_process(tmp_path: Path, cleanup: list[RunStore]) -> None:
-    store = _store(tmp_path)
-    cleanup.append(store)
+def test_start_and_stop_a_real_learner_process(tmp_path: Path, cleanup: list[LearnerLauncher]) -> None:
+    launcher = _launcher(tmp_path)
+    cleanup.append(launcher)
+    store = launcher.store
     store.create(RUN_YAML, "r1")
-    started = store.start("r1")
+    started = launcher.start("r1")
     assert started.status == "running" and started.pid is not None and is_running(started.pid)
     assert (store.path("r1") / "pid").read_text().strip() == str(started.pid)
     pid = started.pid
     wait_until(lambda: len(store.metrics("r1")) >= 2, 30, "learner metrics", alive=lambda: is_running(pid))
     with pytest.raises(RunExistsError, match="already running"):
-        store.start("r1")
+        launcher.start("r1")
 
-    stopped = store.stop("r1", timeout=20)
+    stopped = launcher.stop("r1", timeout=20)
     assert stopped.status == "stopped" and stopped.pid is None
     assert not is_running(pid)
     log_text = (store.path("r1") / "train.log").read_text()
     assert "learner up" in log_text and "got SIGTERM" in log_text, "it stopped at its safe point"
     assert store.get("r1").iteration >= 2
     with pytest.raises(ValueError, match="is not running"):
-        store.stop("r1")
+        launcher.stop("r1")
 
 
-def test_a_learner_ignoring_sigterm_is_killed(tmp_path: Path, cleanup: list[RunStore]) -> None:
-    store = _store(tmp_path, STUBBORN_LEARNER)
-    cleanup.append(store)
+def test_a_learner_ignoring_sigterm_is_killed(tmp_path: Path, cleanup: list[LearnerLauncher]) -> None:
+    launcher = _launcher(tmp_path, STUBBORN_LEARNER)
+    cleanup.append(launcher)
+    store = launcher.store
     store.create(RUN_YAML, "r1")
-    pid = store.start("r1").pid
+    pid = launcher.start("r1").pid
     assert pid is not None
     wait_until(lambda: "ignoring SIGTERM" in (store.path("r1") / "train.log").read_text(), 30, "learner up")
-    stopped = store.stop("r1", timeout=0.3)
+    stopped = launcher.stop("r1", timeout=0.3)
     assert stopped.status == "stopped" and not is_running(pid)
 
 
@@ -268,10 +275,10 @@ def test_post_endpoints_need_the_token(tmp_path: Path) -> None:
     assert open_client.post("/runs", json={**body, "run_id": "r2"}).status_code == 201
 
 
-def test_start_and_stop_through_the_api(tmp_path: Path, cleanup: list[RunStore]) -> None:
-    store = _store(tmp_path)
-    cleanup.append(store)
-    client = _client(tmp_path, store=store)
+def test_start_and_stop_through_the_api(tmp_path: Path, cleanup: list[LearnerLauncher]) -> None:
+    launcher = _launcher(tmp_path)
+    cleanup.append(launcher)
+    client = _client(tmp_path, launcher=launcher)
     created = client.post("/runs", json={"config": RUN_YAML, "run_id": "r1"}, headers=AUTH).json()
     assert created["status"] == "running" and created["pid"] is not None
     pid = created["pid"]
@@ -284,7 +291,7 @@ def test_start_and_stop_through_the_api(tmp_path: Path, cleanup: list[RunStore])
     wait_until(lambda: not is_running(pid), 30, "learner exit")  # it records "stopped", then exits
     assert "got SIGTERM" in client.get("/runs/r1/log").text
 
-    crashing = _client(tmp_path, store=_store(tmp_path, CRASHING_LEARNER))
+    crashing = _client(tmp_path, launcher=_launcher(tmp_path, CRASHING_LEARNER))
     crashing.post("/runs", json={"config": RUN_YAML, "run_id": "r2"}, headers=AUTH)
     wait_until(lambda: crashing.get("/runs/r2").json()["status"] == "failed", 30, "crash noticed")
     assert crashing.get("/runs/r2").json()["error"] == DIED_ERROR

@@ -17,11 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from wmpo.common.logs import get_logger
-from wmpo.common.registry import Registry
 from wmpo.sim.rollout import run_many
-from wmpo.sim.sources import SourceSpec
 from wmpo.sim.tasks import EVAL_SEED_OFFSET, get_task
-from wmpo.trainer.connections import policy_token
+from wmpo.trainer.connections import open_registry, policy_source
 from wmpo.trainer.progress import advance_to
 from wmpo.trainer.runconfig import RunConfig
 from wmpo.trainer.settings import TrainerSettings
@@ -54,12 +52,8 @@ def align(
     began = time.monotonic()
     task = get_task(config.task)
     out = run_dir / "alignment" / f"it{iteration:04d}"
-    source = SourceSpec(
-        settings.policy_address,
-        version=str(version),
-        temperature=config.temperature if config.align_temperature is None else config.align_temperature,
-        token=policy_token(settings),
-    )
+    temperature = config.temperature if config.align_temperature is None else config.align_temperature
+    source = policy_source(settings, version, temperature)
     seeds = alignment_seeds(config.seed, iteration, config.align_rollouts)
     successes = 0
     bar = tqdm(total=len(seeds), desc=f"alignment {iteration}: real rollouts", unit="ep", disable=not progress)
@@ -70,8 +64,7 @@ def align(
     bar.close()
     rollout_s = time.monotonic() - began
 
-    rewards = Registry(settings.registry_dir, "reward", settings.redis_url)
-    worlds = Registry(settings.registry_dir, "worldmodel", settings.redis_url)
+    rewards, worlds = open_registry(settings, "reward"), open_registry(settings, "worldmodel")
     reward_base, world_base = rewards.verify("latest"), worlds.verify("latest")
     reward_bar = tqdm(total=config.align_reward_steps, desc=f"alignment {iteration}: reward model", unit="step",
                       disable=not progress)  # fmt: skip

@@ -56,7 +56,7 @@ def api(
     config_file: ConfigOpt = None,
 ) -> None:
     """The control plane: HTTP API and dashboard for runs and versions (OpenAPI docs at /docs)."""
-    from wmpo.trainer.control.api import serve_api
+    from wmpo.trainer.control.app import serve_api
 
     settings = TrainerSettings.load(
         config_file,
@@ -84,15 +84,15 @@ def train(
     """Run WMPO: imagined GRPO iterations through the rollout workers, publishing a policy version each."""
     from wmpo.common.cli import check_device
     from wmpo.common.metrics import serve_metrics
-    from wmpo.trainer.control.runs import RunStore
     from wmpo.trainer.learner import Learner, load_run
 
     settings, config, rid, text = load_run(config_file, run_id)
     check_device(config.device)
     if settings.metrics_port:
         serve_metrics(settings.metrics_port)
-    state = Learner(settings, config, rid, text, progress=progress).run()
-    record = RunStore(settings.runs_dir).get(rid)
+    learner = Learner(settings, config, rid, text, progress=progress)
+    state = learner.run()
+    record = learner.store.get(rid)
     typer.echo(
         f"run {rid}: {record.status} after {state.iteration}/{config.iterations} iterations, "
         f"policy version {state.policy_version} ({state.episodes} imagined episodes)"

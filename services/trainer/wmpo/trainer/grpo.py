@@ -14,7 +14,7 @@ sampling temperature, exactly as the policy server reports them, so at the first
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -22,26 +22,40 @@ import torch
 from wmpo.common.tensors import Array
 from wmpo.policy.checkpoint import PolicyBundle
 from wmpo.policy.model import scaled_log_probs
+from wmpo.trainer.runconfig import RunConfig
+
+ADVANTAGE_EPS = 1e-6
+"""ε in (r − mean) / (std + ε): keeps an all-equal group's advantages at zero."""
 
 
 @dataclass(frozen=True)
 class GRPOConfig:
-    """Hyper-parameters of one GRPO update (paper defaults; `lr` is per run)."""
+    """The GRPO hyper-parameters of a run: the same-named `RunConfig` fields (their defaults, the paper's, and
+    their validation live there only), taken by `from_run`."""
 
-    lr: float = 5e-6
-    clip_low: float = 0.2
-    clip_high: float = 0.28
-    epochs: int = 1
-    minibatch_size: int = 128  # chunks (observation + T×A tokens) per optimizer step
-    entropy_coef: float = 0.0
-    grad_clip: float = 1.0
-    temperature: float = 1.6
-    advantage_eps: float = 1e-6
-    keep_low: float = 0.1
-    keep_high: float = 0.9
+    lr: float
+    clip_low: float
+    clip_high: float
+    epochs: int
+    minibatch_size: int  # chunks (observation + T×A tokens) per optimizer step
+    entropy_coef: float
+    grad_clip: float
+    temperature: float  # the sampling temperature: log-probs are computed under it
+    keep_low: float  # dynamic sampling band: kept groups' success rates lie in [keep_low, keep_high]
+    keep_high: float
+    advantage_eps: float = ADVANTAGE_EPS  # not a run setting
+
+    @classmethod
+    def from_run(cls, run: RunConfig) -> GRPOConfig:
+        """The GRPO part of `run`: every field but `advantage_eps` is read from the run config."""
+        return cls(**{f.name: getattr(run, f.name) for f in fields(cls) if f.name in RunConfig.model_fields})
+
+    def optimizer_steps(self, samples: int) -> int:
+        """Optimizer steps `grpo_update` takes over `samples` chunks: ⌈samples / minibatch⌉ per epoch."""
+        return self.epochs * -(-samples // self.minibatch_size)
 
 
-def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> Array:
+def group_advantages(rewards: Sequence[float], eps: float = ADVANTAGE_EPS) -> Array:
     """(r − mean) / (std + eps) within one group, population std (all-equal rewards give zeros)."""
     r = np.asarray(rewards, dtype=np.float64)
     if r.size == 0:
@@ -50,7 +64,7 @@ def group_advantages(rewards: Sequence[float], eps: float = 1e-6) -> Array:
     return advantages
 
 
-def keep_group(rewards: Sequence[float], low: float = 0.1, high: float = 0.9) -> bool:
+def keep_group(rewards: Sequence[float], low: float, high: float) -> bool:
     """Dynamic sampling: keep a group whose success rate lies in [low, high] (inclusive)."""
     rate = float(np.mean(np.asarray(rewards, dtype=np.float64) > 0.5))
     return low <= rate <= high
@@ -120,8 +134,7 @@ def grpo_update(
         raise ValueError("no samples to train on")
     camera = bundle.camera_names[0]
     device = bundle.device
-    per_epoch = -(-len(samples) // config.minibatch_size)
-    total, done = per_epoch * config.epochs, 0
+    total, done = config.optimizer_steps(len(samples)), 0
     sums = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "entropy": 0.0, "grad": 0.0}
     first = float("nan")
     bundle.model.train()

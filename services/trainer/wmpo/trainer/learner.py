@@ -32,14 +32,16 @@ from wmpo.common.fsutil import atomic_write_text
 from wmpo.common.logs import get_logger
 from wmpo.common.media import write_gif
 from wmpo.common.metrics import gauge
-from wmpo.common.registry import Registry, VersionNotFoundError
+from wmpo.common.registry import VersionNotFoundError
+from wmpo.common.training_state import load_tensors, save_tensors
 from wmpo.data.dataset import TrajectoryDataset
-from wmpo.policy.checkpoint import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle, load_policy, save_policy
 from wmpo.robot.client import PolicyClient, PolicyClientError
 from wmpo.sim.tasks import get_task
-from wmpo.trainer.connections import make_queue, policy_token
+from wmpo.trainer.connections import make_queue, open_registry, policy_source, policy_token
 from wmpo.trainer.control.runs import RunStore
 from wmpo.trainer.grpo import GRPOConfig, Samples, UpdateStats, group_advantages, grpo_update, keep_group
+from wmpo.trainer.progress import advance_to
 from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult
 from wmpo.trainer.runconfig import RunConfig
 from wmpo.trainer.settings import TrainerSettings
@@ -107,21 +109,11 @@ class Learner:
         self.settings, self.config, self.run_id, self.progress = settings, config, run_id, progress
         self.store = RunStore(settings.runs_dir)
         self.run_dir = self.store.ensure(run_id, config_text).path
+        self.state_file = self.run_dir / "state.json"
         self.task = get_task(config.task)
         self.queue = make_queue(settings)
-        self.policies = Registry(settings.registry_dir, "policy", settings.redis_url)
-        self.grpo = GRPOConfig(
-            lr=config.lr,
-            clip_low=config.clip_low,
-            clip_high=config.clip_high,
-            epochs=config.epochs,
-            minibatch_size=config.minibatch_size,
-            entropy_coef=config.entropy_coef,
-            grad_clip=config.grad_clip,
-            temperature=config.temperature,
-            keep_low=config.keep_low,
-            keep_high=config.keep_high,
-        )
+        self.policies = open_registry(settings, "policy")
+        self.grpo = GRPOConfig.from_run(config)
         self._stop = False
 
     # -- setup -----------------------------------------------------------------------------------------
@@ -143,7 +135,7 @@ class Learner:
             raise UserError(f"run.dataset {self.config.dataset} holds no readable episodes")
         return dataset, dataset.start_states()
 
-    def _dream_spec(self) -> WorldModelSpec:
+    def _world_model_spec(self) -> WorldModelSpec:
         client = WorldModelClient(self.settings.dream_address, timeout=30)
         try:
             return client.spec()
@@ -157,7 +149,7 @@ class Learner:
             info = self.policies.verify(version)
         except VersionNotFoundError as exc:
             raise UserError(str(exc.args[0])) from exc
-        bundle = PolicyBundle.load(info.path, device=self.config.device)
+        bundle = load_policy(info.path, device=self.config.device)
         if bundle.proprio_dim:
             raise UserError(
                 f"policy version {version} takes proprio (dim {bundle.proprio_dim}), which the world model does not "
@@ -166,14 +158,14 @@ class Learner:
         return bundle
 
     def _state(self) -> RunState:
-        state = RunState.read(self.run_dir / "state.json")
+        state = RunState.read(self.state_file)
         if state is None:
             try:
                 version = self.policies.resolve(self.config.policy)
             except VersionNotFoundError as exc:
                 raise UserError(f"run.policy: {exc.args[0]}") from exc
             state = RunState(iteration=0, policy_version=version, initial_version=version)
-            state.write(self.run_dir / "state.json")
+            state.write(self.state_file)
             return state
         log.info("resuming run", run=self.run_id, iteration=state.iteration, policy_version=state.policy_version)
         return self._adopt_published(state)
@@ -185,7 +177,7 @@ class Learner:
             if meta.get("run_id") == self.run_id and meta.get("iteration") == str(state.iteration):
                 log.info("adopting the version published before the restart", version=info.version)
                 state.policy_version, state.iteration = info.version, state.iteration + 1
-                state.write(self.run_dir / "state.json")
+                state.write(self.state_file)
                 break
         return state
 
@@ -205,7 +197,7 @@ class Learner:
             return state
         except StopRequested:
             self.store.update(self.run_id, status="stopped")
-            stopped = RunState.read(self.run_dir / "state.json")
+            stopped = RunState.read(self.state_file)
             assert stopped is not None  # written before the first iteration
             return stopped
         except BaseException as exc:
@@ -219,11 +211,11 @@ class Learner:
         from torch.utils.tensorboard import SummaryWriter
 
         dataset, starts = self._dataset()
-        spec = self._dream_spec()
+        spec = self._world_model_spec()
         bundle = self._load_policy(state.policy_version)
         if bundle.image_size != spec.image_size:
             raise UserError(f"the policy sees {bundle.image_size}px images, the world model makes {spec.image_size}px")
-        optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=self.config.lr, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=self.grpo.lr, weight_decay=0.0)
         self._load_optimizer(optimizer, state)
         writer = SummaryWriter(str(self.run_dir / "tensorboard"))
         client = PolicyClient(self.settings.policy_address, token=policy_token(self.settings), timeout=30)
@@ -257,22 +249,23 @@ class Learner:
         groups: dict[int, list[EpisodeResult]] = defaultdict(list)
         for result in results:
             groups[result.group].append(result)
-        band = (cfg.keep_low, cfg.keep_high)
+        band = (self.grpo.keep_low, self.grpo.keep_high)
         kept = {g: rs for g, rs in groups.items() if len(rs) >= 2 and keep_group([r.reward for r in rs], *band)}
+        planned_groups, frames = len(jobs) // cfg.group_size, int(sum(r.length for r in results))
         record: dict[str, Any] = {
             "iteration": it + 1,
             "policy_version": state.policy_version,
             "imagined_success_rate": float(np.mean([r.success for r in results])) if results else 0.0,
-            "groups": len(jobs) // cfg.group_size,
+            "groups": planned_groups,
             "kept_groups": len(kept),
-            "kept_group_fraction": len(kept) / max(1, len(jobs) // cfg.group_size),
+            "kept_group_fraction": len(kept) / max(1, planned_groups),
             "episodes": len(results),
             "lost_episodes": len(jobs) - len(results),
             "mean_length": float(np.mean([r.length for r in results])) if results else 0.0,
-            "frames": int(sum(r.length for r in results)),
+            "frames": frames,
             "rollout_s": rollout_s,
             "episodes_per_s": len(results) / max(rollout_s, 1e-9),
-            "frames_per_s": sum(r.length for r in results) / max(rollout_s, 1e-9),
+            "frames_per_s": frames / max(rollout_s, 1e-9),
             "world_model_version": max((r.world_model_version for r in results), default=0),
             "queue_depth": self.queue.export_metrics().depth,
         }
@@ -292,7 +285,7 @@ class Learner:
         state.iteration, state.policy_version = it + 1, new_version
         state.episodes += len(results)
         state.frames += record["frames"]
-        state.write(self.run_dir / "state.json")
+        state.write(self.state_file)
         self.queue.forget_results([job.job_id for job in jobs])
         if new_version != record["policy_version"]:
             record["swap_s"] = self._wait_policy_swap(client, new_version)
@@ -406,12 +399,8 @@ class Learner:
             np.concatenate(logprobs),
             np.concatenate(advantages),
         )
-        total = self.grpo.epochs * -(-len(samples) // self.grpo.minibatch_size)
+        total = self.grpo.optimizer_steps(len(samples))
         bar = tqdm(total=total, desc=f"iteration {it + 1}: GRPO update", unit="step", disable=not self.progress)
-
-        def advance(_done: int, _total: int) -> None:
-            bar.update(1)
-
         try:
             stats = grpo_update(
                 bundle,
@@ -419,7 +408,7 @@ class Learner:
                 samples,
                 self.grpo,
                 np.random.default_rng([self.config.seed, it, 1]),
-                on_step=advance,
+                on_step=advance_to(bar),
             )
         finally:
             bar.close()
@@ -439,7 +428,7 @@ class Learner:
         record: dict[str, Any],
     ) -> int:
         checkpoint = self.run_dir / "checkpoint"
-        bundle.save(checkpoint, info={"wmpo_run": self.run_id, "wmpo_iteration": it + 1})
+        save_policy(bundle, checkpoint, info={"wmpo_run": self.run_id, "wmpo_iteration": it + 1})
         self._save_optimizer(optimizer, it)
         metadata = {
             "run_id": self.run_id,
@@ -452,16 +441,13 @@ class Learner:
         return info.version
 
     def _save_optimizer(self, optimizer: torch.optim.Optimizer, it: int) -> None:
-        path = self.run_dir / "optimizer.pt"
-        tmp = path.with_suffix(".tmp")
-        torch.save({"iteration": it, "state": optimizer.state_dict()}, tmp)
-        tmp.replace(path)
+        save_tensors(self.run_dir / "optimizer.pt", {"iteration": it, "state": optimizer.state_dict()})
 
     def _load_optimizer(self, optimizer: torch.optim.Optimizer, state: RunState) -> None:
         path = self.run_dir / "optimizer.pt"
         if state.iteration == 0 or not path.is_file():
             return
-        saved = torch.load(path, map_location=self.config.device, weights_only=False)
+        saved = load_tensors(path, self.config.device)
         if int(saved["iteration"]) == state.iteration - 1:
             optimizer.load_state_dict(saved["state"])
         else:
@@ -511,14 +497,13 @@ class Learner:
             progress=self.progress,
         )
         state.alignments += 1
-        state.write(self.run_dir / "state.json")
+        state.write(self.state_file)
         return out
 
     def _evaluate(self, version: int) -> dict[str, Any]:
         from wmpo.sim.evaluate import evaluate
-        from wmpo.sim.sources import SourceSpec
 
-        source = SourceSpec(self.settings.policy_address, version=str(version), token=policy_token(self.settings))
+        source = policy_source(self.settings, version)
         report = evaluate(self.task, source, self.config.eval_episodes, workers=self.config.sim_workers)
         return {
             "real_success_rate": report.success_rate,

@@ -11,8 +11,9 @@ Layout of ``<runs_dir>/<run_id>/``::
     tensorboard/     TensorBoard event files
 
 ``status.json`` is replaced atomically (temporary file + ``os.replace``) under a per-run file lock, so the
-learner and the API can both update it. A run whose status says ``running`` but whose process is gone
-is reported (and recorded) as ``failed``.
+learner, the API and the launcher (`wmpo.trainer.control.launcher`, which starts and stops learner
+processes) can all update it from their own processes; every change is a `RunStore.modify`. A run whose
+status says ``running`` but whose process is gone is reported (and recorded) as ``failed``.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import math
 import os
 import re
 import secrets
-import signal
 import socket
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,7 +36,7 @@ import yaml
 
 from wmpo.common.fsutil import atomic_write_text, file_lock
 from wmpo.common.logs import get_logger
-from wmpo.common.process import ProcessRef, spawn, start_ticks, wait_for
+from wmpo.common.process import ProcessRef, start_ticks
 
 RunStatus = Literal["pending", "running", "stopping", "stopped", "finished", "failed"]
 STATUSES: tuple[str, ...] = get_args(RunStatus)
@@ -48,8 +47,6 @@ FINAL: frozenset[str] = frozenset({"stopped", "finished", "failed"})
 RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 VIDEO_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.gif$")
 DIED_ERROR = "the learner process exited without finishing (see train.log)"
-DEFAULT_COMMAND: tuple[str, ...] = (sys.executable, "-m", "wmpo.common.cli", "train")
-"""The learner: ``wmpo train``; `RunStore.start` appends ``--config <run>/config.yaml --run-id <id>``."""
 
 _UPDATABLE = frozenset({"status", "iteration", "iterations", "policy_version", "error", "pid"})
 
@@ -152,11 +149,10 @@ class RunRecord:
 
 
 class RunStore:
-    """Runs under `runs_dir`; `command` is the learner command line (tests pass a small script)."""
+    """Runs under `runs_dir`: their files, status and metrics (starting and stopping learners: `LearnerLauncher`)."""
 
-    def __init__(self, runs_dir: Path, command: Sequence[str] | None = None) -> None:
+    def __init__(self, runs_dir: Path) -> None:
         self.runs_dir = Path(runs_dir)
-        self.command: tuple[str, ...] = tuple(command) if command is not None else DEFAULT_COMMAND
 
     # -- paths ---------------------------------------------------------------------------------------
     def path(self, run_id: str) -> Path:
@@ -226,17 +222,10 @@ class RunStore:
 
     def get(self, run_id: str) -> RunRecord:
         """The run's record; a run marked active whose learner process is gone is recorded as failed/stopped."""
-        path = self._existing(run_id)
-        record = self._read(path)
+        record = self._read(self._existing(run_id))
         if record.learner_gone():
-            with self._lock(path):
-                record = self._read(path)  # the learner may have written its final status as it exited
-                if record.learner_gone():
-                    if record.status == "running":
-                        log.warning("learner process died", run_id=run_id, pid=record.pid)
-                        record = self._write(path, {"status": "failed", "error": DIED_ERROR, "pid": None})
-                    else:
-                        record = self._write(path, {"status": "stopped", "pid": None})
+            # Under the lock, from a fresh read: the learner may have written its final status as it exited.
+            record = self.modify(run_id, _record_learner_gone)
         return record
 
     def metrics(self, run_id: str) -> builtins.list[dict[str, Any]]:
@@ -289,13 +278,19 @@ class RunStore:
         ``pid`` goes to the ``pid`` file (None removes it); a final status (stopped, finished, failed)
         removes it too unless a pid is given.
         """
-        unknown = sorted(set(fields) - _UPDATABLE)
-        if unknown:
-            raise ValueError(f"cannot update run field(s) {', '.join(unknown)}; known: {', '.join(sorted(_UPDATABLE))}")
-        if "status" in fields and fields["status"] not in STATUSES:
-            raise ValueError(f"unknown run status {fields['status']!r}; known: {', '.join(STATUSES)}")
+        _check_fields(fields)
+        return self.modify(run_id, lambda _record: fields)
+
+    def modify(self, run_id: str, change: Callable[[RunRecord], Mapping[str, Any] | None]) -> RunRecord:
+        """Read-modify-write under the run's file lock (safe across processes): `change` gets the current
+        record and returns the fields to merge as in `update` (None: leave it as is) or raises to abort."""
         path = self._existing(run_id)
         with self._lock(path):
+            record = self._read(path)
+            fields = change(record)
+            if fields is None:
+                return record
+            _check_fields(fields)
             return self._write(path, fields)
 
     def append_metrics(self, run_id: str, record: dict[str, Any]) -> None:
@@ -311,54 +306,6 @@ class RunStore:
             fh.write(line.encode())
             fh.flush()
             os.fsync(fh.fileno())
-
-    # -- the learner process -------------------------------------------------------------------------
-    def start(self, run_id: str, extra_args: Sequence[str] = ()) -> RunRecord:
-        """Start the learner for the run, detached in its own session, output appended to train.log."""
-        path = self._existing(run_id)
-        with self._lock(path):
-            record = self._read(path)
-            if record.status in ACTIVE and record.pid is not None and not record.learner_gone():
-                raise RunExistsError(f"run {run_id!r} is already {record.status} (pid {record.pid})")
-            argv = [*self.command, "--config", str(path / "config.yaml"), "--run-id", run_id, *extra_args]
-            # The learner must write into this store whatever runs_dir its config names (env beats YAML).
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "WMPO_TRAINER_RUNS_DIR": str(self.runs_dir.resolve())}
-            child = spawn(argv, path / "train.log", env)
-            log.info("learner started", run_id=run_id, pid=child.pid)
-            return self._write(path, {"status": "running", "error": None, "pid": child.pid})
-
-    def request_stop(self, run_id: str) -> RunRecord:
-        """SIGTERM the learner (it stops at a safe point and records ``stopped``); status ``stopping``."""
-        path = self._existing(run_id)
-        with self._lock(path):
-            record = self._read(path)
-            if record.status not in ACTIVE or record.pid is None or record.learner_gone():
-                raise ValueError(f"run {run_id!r} is not running (status {record.status})")
-            if record.host is not None and record.host != socket.gethostname():
-                raise ValueError(f"run {run_id!r} runs on {record.host}: stop it there (SIGTERM pid {record.pid})")
-            ProcessRef(record.pid, record.pid_ticks).send_signal(signal.SIGTERM)
-            if record.status == "running":
-                record = self._write(path, {"status": "stopping"})
-            return record
-
-    def stop(self, run_id: str, timeout: float = 30.0) -> RunRecord:
-        """`request_stop`, wait up to `timeout` s for the learner to exit, then SIGKILL its process group."""
-        process = self.request_stop(run_id).process
-        assert process is not None
-        return self.wait_stopped(run_id, process, timeout)
-
-    def wait_stopped(self, run_id: str, process: ProcessRef, timeout: float = 30.0) -> RunRecord:
-        """Wait for a stopping learner to exit (SIGKILL to its group after `timeout` s); the run ends ``stopped``."""
-        if wait_for([process], ProcessRef.leader_running, timeout):
-            log.warning("learner ignored SIGTERM; killing it", run_id=run_id, pid=process.pid, timeout_s=timeout)
-            process.signal_group(signal.SIGKILL)
-            wait_for([process], ProcessRef.leader_running, 5.0)
-        path = self._existing(run_id)
-        with self._lock(path):
-            record = self._read(path)
-            if record.status in ACTIVE:
-                record = self._write(path, {"status": "stopped", "pid": None})
-            return record
 
     # -- internals -----------------------------------------------------------------------------------
     def _read(self, path: Path) -> RunRecord:
@@ -382,7 +329,7 @@ class RunStore:
             pid_ticks=data.get("pid_ticks") if pid is not None else None,
         )
 
-    def _write(self, path: Path, fields: dict[str, Any]) -> RunRecord:
+    def _write(self, path: Path, fields: Mapping[str, Any]) -> RunRecord:
         """Merge `fields` into status.json (caller holds the lock)."""
         data = json.loads((path / "status.json").read_text(encoding="utf-8"))
         changes = dict(fields)
@@ -408,6 +355,24 @@ class RunStore:
         return file_lock(path / ".lock")
 
 
+def _check_fields(fields: Mapping[str, Any]) -> None:
+    unknown = sorted(set(fields) - _UPDATABLE)
+    if unknown:
+        raise ValueError(f"cannot update run field(s) {', '.join(unknown)}; known: {', '.join(sorted(_UPDATABLE))}")
+    if "status" in fields and fields["status"] not in STATUSES:
+        raise ValueError(f"unknown run status {fields['status']!r}; known: {', '.join(STATUSES)}")
+
+
+def _record_learner_gone(record: RunRecord) -> dict[str, Any] | None:
+    """A `modify` change: an active run whose learner is gone becomes failed (running) or stopped (stopping)."""
+    if not record.learner_gone():
+        return None
+    if record.status == "running":
+        log.warning("learner process died", run_id=record.run_id, pid=record.pid)
+        return {"status": "failed", "error": DIED_ERROR, "pid": None}
+    return {"status": "stopped", "pid": None}
+
+
 def _finite(value: Any) -> Any:
     """`value` with NaN and infinities replaced by None (JSON has no such numbers)."""
     if isinstance(value, float):
@@ -422,9 +387,7 @@ def _finite(value: Any) -> Any:
 
 
 def _json_default(value: Any) -> Any:
-    """numpy scalars/arrays and paths in metrics records."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
+    """Paths in metrics records (`_finite` has turned numpy values into plain ones already)."""
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"metrics value of type {type(value).__name__} is not JSON serialisable")
