@@ -20,13 +20,15 @@ import torch
 
 from wmpo.common.registry import Registry
 from wmpo.policy.actions import ActionCodec
-from wmpo.policy.checkpoint import PolicyBundle
+from wmpo.policy.checkpoint import PolicyBundle, save_policy
 from wmpo.policy.model import VLAPolicy, make_config
 from wmpo.policy.tokenizer import build_byte_tokenizer
-from wmpo.stack.cli import Stack, StackSettings
+from wmpo.robot import AsyncPolicyClient
+from wmpo.stack.settings import StackSettings
+from wmpo.stack.stack import Stack
 from wmpo.trainer.rollout.episodes import EpisodeJob
 from wmpo.trainer.rollout.queue import JobQueue
-from wmpo.trainer.rollout.worker import PolicyCaller, RolloutWorker
+from wmpo.trainer.rollout.worker import POLICY_OPTIONS, RolloutWorker
 from wmpo.worldmodel.checkpoint import save_world_model
 from wmpo.worldmodel.model import make_world_model
 from wmpo.worldmodel.reward.checkpoint import save_reward_model
@@ -39,7 +41,7 @@ def build_registry(root: Path, size: int) -> Path:
     torch.manual_seed(0)
     tokenizer = build_byte_tokenizer()
     model = VLAPolicy(make_config("tiny", vocab_size=len(tokenizer), proprio_dim=0, image_size=size))
-    PolicyBundle(model, tokenizer, ActionCodec.identity(4, 0)).save(root / "policy")
+    save_policy(PolicyBundle(model, tokenizer, ActionCodec.identity(4, 0)), root / "policy")
     Registry(registry, "policy").publish(root / "policy")
     save_world_model(make_world_model("tiny", image_size=size), root / "wm", {"steps": 0})
     Registry(registry, "worldmodel").publish(root / "wm")
@@ -57,7 +59,8 @@ def frames_per_second(stack: Stack, concurrency: int, episodes: int, horizon: in
     queue.enqueue_many([(j.job_id, j.to_bytes()) for j in jobs])
 
     async def run() -> float:
-        policy, dream = PolicyCaller(stack.policy_address), AsyncWorldModelClient(stack.dream_address)
+        policy = AsyncPolicyClient(stack.policy_address, POLICY_OPTIONS)
+        dream = AsyncWorldModelClient(stack.dream_address)
         worker = RolloutWorker(queue, policy, dream, name=tag, concurrency=concurrency)
         began = time.perf_counter()
         stats = await worker.run(max_jobs=episodes)

@@ -23,7 +23,8 @@ from wmpo.common.net import free_port, port_free
 from wmpo.common.process import group_members, is_running
 from wmpo.common.redis_server import ping
 from wmpo.common.registry import Registry
-from wmpo.stack.cli import Stack, StackSettings
+from wmpo.stack.settings import StackSettings
+from wmpo.stack.stack import Stack
 from wmpo.trainer.settings import TrainerSettings
 
 SIZE = 32

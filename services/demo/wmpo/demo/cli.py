@@ -1,9 +1,8 @@
-"""`wmpo demo` (= `make demo`): the command line of the end-to-end demo pipeline."""
+"""`wmpo demo` (= `make demo`): the typer command that runs the demo pipeline, and its summary table."""
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,7 +30,7 @@ def demo(
     work = work or Path("wmpo-data/demo-quick" if quick else "wmpo-data/demo")
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
-    report = Demo(replace(profile), work, out, device).run()
+    report = Demo(profile, work, out, device).run()
     _summary(report, out)
 
 

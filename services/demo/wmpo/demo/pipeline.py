@@ -1,4 +1,4 @@
-"""`wmpo demo` (= `make demo`): WMPO end to end on the local stack, and a report of what it did.
+"""The demo pipeline: its profiles (`full`, `quick`) and its stages, run by `Demo` on the local stack.
 
 Stages, each cached in the work directory so a second run resumes instead of recomputing:
 data (expert + noisy episodes in the real simulator) → base policy by imitation → world model → reward
@@ -16,17 +16,17 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 import yaml
 
 from wmpo.common.errors import UserError
 from wmpo.common.fsutil import atomic_write_text
-from wmpo.common.logs import get_logger
 from wmpo.trainer.progress import advance_to
 
-log = get_logger(__name__)
+if TYPE_CHECKING:
+    from wmpo.stack.stack import Stack
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,15 @@ class Stages:
     def __init__(self, work: Path) -> None:
         self.path = work / "stages.json"
         self.done: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.timings: dict[str, float] = {}
 
     def run(self, name: str, title: str, fn: Callable[[], dict[str, Any]], *, cache: bool = True) -> dict[str, Any]:
         if cache and name in self.done:
             typer.secho(f"✓ {title} (cached)", fg="green", err=True)
-            self.timings[name] = 0.0
             return self.done[name]
         typer.secho(f"▶ {title}", bold=True, err=True)
         began = time.monotonic()
         out = fn()
-        self.timings[name] = time.monotonic() - began
-        out["seconds"] = self.timings[name]
+        out["seconds"] = time.monotonic() - began
         if cache:
             self.done[name] = out
             atomic_write_text(self.path, json.dumps(self.done, indent=2, default=str))
@@ -205,7 +202,7 @@ class Demo:
         report = evaluate_fidelity(model, episodes, horizons=(1, 4, 8, 16), video_dir=self.out / "videos" / which)
         return {"world_model_version": info.version, **report.as_dict()}
 
-    def wmpo(self, stack: Any) -> dict[str, Any]:
+    def wmpo(self, stack: Stack) -> dict[str, Any]:
         from wmpo.trainer.learner import Learner, load_run
 
         p = self.profile
@@ -237,7 +234,7 @@ class Demo:
                 "episodes": state.episodes, "frames": state.frames, "alignments": state.alignments,
                 "iterations": history}  # fmt: skip
 
-    def evaluate(self, stack: Any, which: str, version: int) -> dict[str, Any]:
+    def evaluate(self, stack: Stack, which: str, version: int) -> dict[str, Any]:
         from tqdm import tqdm
 
         from wmpo.sim.evaluate import evaluate
@@ -254,7 +251,8 @@ class Demo:
 
     # -- the whole thing -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from wmpo.stack.cli import Stack, StackSettings
+        from wmpo.stack.settings import StackSettings
+        from wmpo.stack.stack import Stack
 
         began = time.monotonic()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -306,7 +304,7 @@ class Demo:
         return report
 
 
-def _down(stack: Any) -> dict[str, Any]:
+def _down(stack: Stack) -> dict[str, Any]:
     result = stack.down()
     if not result.clean:
         typer.secho(f"  warning: left behind: {result.survivors} ports {result.busy_ports}", fg="yellow", err=True)
