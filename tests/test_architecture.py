@@ -47,6 +47,19 @@ def test_every_package_folder_is_listed() -> None:
         assert (folder / "__init__.py").is_file(), name
 
 
+def test_every_subpackage_is_installed() -> None:
+    """`pyproject.toml` lists every folder with an ``__init__.py`` (a non-editable install ships only those)."""
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setup["packages"])
+    for name, folder in PACKAGES.items():
+        assert setup["package-dir"][f"wmpo.{name}"] == str(folder.relative_to(ROOT))
+        for init in folder.rglob("__init__.py"):
+            sub = ".".join(init.parent.relative_to(folder.parent).parts)
+            assert f"wmpo.{sub}" in listed, f"wmpo.{sub} is missing from [tool.setuptools] packages"
+
+
 def test_nothing_imports_the_demo() -> None:
     importers = {name for name, allowed in ALLOWED.items() if "demo" in allowed and name != "demo"}
     assert not importers
@@ -140,38 +153,60 @@ def test_no_import_circles() -> None:
 
 
 def test_robot_client_imports_with_only_grpcio_protobuf_numpy(tmp_path: Path) -> None:
-    """A real venv with only grpcio, protobuf and numpy (and their own dependencies) can use the client."""
-    from importlib import metadata
+    """`pip install ./services/robot` into a fresh venv gives both clients with only grpcio, protobuf, numpy.
 
+    The install runs from a copy of the three folders the package reads (services/robot, services/common,
+    proto), so no stale build/ folder of the working tree can leak into the wheel, and none is left there.
+    """
+    import shutil
+
+    tree = tmp_path / "repo"
+    skip = shutil.ignore_patterns("__pycache__", "build", "*.egg-info", "dist")
+    for folder in ("services/robot", "services/common/wmpo/common", "proto/wmpo/v1"):
+        shutil.copytree(ROOT / folder, tree / folder, ignore=skip)
     venv = tmp_path / "robot-venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
     python = venv / "bin" / "python"
-    pins = [f"{name}=={metadata.version(name)}" for name in ("grpcio", "protobuf", "numpy")]
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", *pins],
-        capture_output=True, text=True, check=False,
+        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "./services/robot"],
+        cwd=tree, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert install.returncode == 0, install.stderr
-    # The wmpo sources on the path, as an installed wheel would put them (no extras, no dependencies).
-    site = next((venv / "lib").glob("python3*/site-packages"))
-    roots = [ROOT / "proto", ROOT / "services/common", ROOT / "services/robot"]
-    (site / "wmpo-src.pth").write_text("\n".join(map(str, roots)) + "\n")
     code = textwrap.dedent(
         """
+        import asyncio
+        import importlib.util
         import sys
+        from importlib import metadata
+
         import numpy as np
-        from wmpo.robot import PolicyClient, make_observation
+        from wmpo.robot import AsyncPolicyClient, ClientOptions, PolicyClient, make_observation
+
         obs = make_observation({"main": np.zeros((8, 8, 3), np.uint8)}, "press the button", [0.1, 0.2])
         assert obs.images["main"].height == 8
-        PolicyClient("grpc://127.0.0.1:1").close()
+        PolicyClient("grpc://127.0.0.1:1", ClientOptions(timeout_s=1.0)).close()
+
+        async def main() -> None:
+            client = AsyncPolicyClient("grpcs://127.0.0.1:1", token="t")
+            await client.close()
+
+        asyncio.run(main())
         heavy = sorted(m for m in ("torch", "transformers", "diffusers", "pydantic", "PIL", "redis", "typer",
                                     "yaml", "structlog", "prometheus_client") if m in sys.modules)
         assert not heavy, heavy
+        # only the client's own modules of wmpo.common are installed, and nothing beyond the three dependencies
+        assert importlib.util.find_spec("wmpo.common.config") is None
+        assert importlib.util.find_spec("wmpo.policy") is None
+        names = {d.metadata["Name"].lower().replace("_", "-") for d in metadata.distributions()}
+        extra = names - {"wmpo-robot", "grpcio", "protobuf", "numpy", "typing-extensions", "pip", "setuptools"}
+        assert not extra, extra
         print("ok")
         """
     )
     env = {"PATH": os.environ.get("PATH", "")}
-    result = subprocess.run([str(python), "-c", code], env=env, capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [str(python), "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
     probe = subprocess.run([str(python), "-c", "import torch"], env=env, capture_output=True, check=False)
