@@ -108,3 +108,71 @@ def test_bc_on_expert_data_lowers_validation_loss_and_resumes(tmp_path: Path) ->
     assert load_policy(out).info["bc_steps"] == 32
     log = (out / "training" / "log.jsonl").read_text().splitlines()
     assert len(log) == 4
+
+
+MIXED = ["go", "press the button", "reach past the red goal, then press the big green button on the far wall"]
+
+
+def trained_scale(bundle: PolicyBundle, seed: int = 0) -> PolicyBundle:
+    """Every weight matrix redrawn at std 1/sqrt(fan-in), the scale of a trained model: the 0.02 init makes
+    attention nearly uniform, which hides how much the positions matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in bundle.model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def sharp(tmp_path_factory: pytest.TempPathFactory) -> PolicyBundle:
+    return trained_scale(load_policy(make_checkpoint(tmp_path_factory.mktemp("sharp") / "policy")))
+
+
+def _mixed(bundle: PolicyBundle, rows: list[int]) -> PolicyInputs:
+    obs = [observation(20 + i) for i in rows]
+    return bundle.prepare([o[0] for o in obs], [o[1] for o in obs], [MIXED[i] for i in rows])
+
+
+def test_a_row_is_batch_invariant_across_instruction_lengths(sharp: PolicyBundle) -> None:
+    """Issue 13: padding a shorter instruction must not move the action queries' positions."""
+    bundle = sharp
+    batch = _mixed(bundle, [0, 1, 2])
+    assert batch.attention_mask.sum(1).tolist() == [3, 17, 48]  # bos + bytes, the longest cut at 48 tokens
+    logits = bundle.logits(batch)
+    tokens = torch.randint(0, 256, (3, 8, 4), generator=torch.Generator().manual_seed(0))
+    for temperature in (0.0, 1.0, 1.6):
+        seeds = [11, 12, 13]
+        together = bundle.act(batch, [temperature] * 3, seeds)
+        batched_logps = bundle.logprobs(batch, tokens, temperature).detach()
+        for row in range(3):
+            single = _mixed(bundle, [row])
+            torch.testing.assert_close(bundle.logits(single)[0], logits[row], atol=1e-5, rtol=0)
+            alone_logps = bundle.logprobs(single, tokens[row : row + 1], temperature).detach()[0]
+            assert (alone_logps - batched_logps[row]).abs().max() <= 1e-5
+            alone = bundle.act(single, [temperature], [seeds[row]])
+            np.testing.assert_array_equal(alone.tokens[0], together.tokens[row])
+            np.testing.assert_array_equal(alone.actions[0], together.actions[row])
+            assert np.abs(alone.logprobs[0] - together.logprobs[row]).max() <= 1e-5
+
+
+def test_padding_side_and_padded_ids_do_not_matter(sharp: PolicyBundle) -> None:
+    """The fix lives in the model: left padding, or garbage under the mask, gives the same logits."""
+    bundle = sharp
+    right = _mixed(bundle, [0, 1, 2])
+    expected = bundle.logits(right)
+    ids, mask = right.input_ids.clone(), right.attention_mask.clone()
+    lengths = mask.sum(1)
+    for row, n in enumerate(lengths.tolist()):
+        ids[row] = torch.roll(right.input_ids[row], ids.shape[1] - n)
+        mask[row] = torch.roll(right.attention_mask[row], ids.shape[1] - n)
+    left = PolicyInputs(right.pixel_values, right.proprio, ids, mask)
+    assert left.attention_mask[0, 0] == 0 and left.attention_mask[0, -1] == 1
+    torch.testing.assert_close(bundle.logits(left), expected, atol=1e-5, rtol=0)
+    garbage = right.input_ids.masked_fill(right.attention_mask == 0, 65)
+    torch.testing.assert_close(
+        bundle.logits(PolicyInputs(right.pixel_values, right.proprio, garbage, right.attention_mask)),
+        expected,
+        atol=1e-5,
+        rtol=0,
+    )

@@ -18,9 +18,9 @@ from policy_fixtures import make_checkpoint, observation, start_server
 from wmpo.common.net import free_port
 from wmpo.common.registry import Registry
 from wmpo.common.tensors import Array, encode_image, to_proto
-from wmpo.policy.checkpoint import load_policy
+from wmpo.policy.checkpoint import load_policy, save_policy
 from wmpo.policy.serving.server import PolicyServer
-from wmpo.robot import PolicyClient, PolicyClientError
+from wmpo.robot import Actions, PolicyClient, PolicyClientError
 from wmpo.v1 import policy_pb2
 
 
@@ -82,6 +82,70 @@ def test_concurrent_clients_are_batched(server: PolicyServer, client: PolicyClie
     total = float(body.split("wmpo_policy_batch_size_sum ")[1].split()[0])
     assert total / count > 1
     assert 'wmpo_policy_requests_total{status="OK",version="0"}' in body
+
+
+MIXED = ["go", "press the button", "reach past the red goal, then press the big green button on the far wall"]
+
+
+@pytest.fixture(scope="module")
+def sharp_checkpoint(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint with every weight matrix at std 1/sqrt(fan-in), the scale of a trained model (the 0.02
+    init makes attention nearly uniform, which hides how much the positions matter)."""
+    bundle = load_policy(checkpoint)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in bundle.model.parameters():
+            if param.dim() >= 2:
+                param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
+    return save_policy(bundle, tmp_path_factory.mktemp("sharp") / "policy")
+
+
+def test_batched_requests_with_mixed_instructions_get_what_they_get_alone(sharp_checkpoint: Path) -> None:
+    """Issue 13: a robot's chunk must not depend on the instructions of the requests batched with it."""
+    checkpoint = sharp_checkpoint
+    jobs = [(i, text, temperature) for i, text in enumerate(MIXED) for temperature in (0.0, 1.6)]
+    alone_srv = start_server(checkpoint=checkpoint, max_batch_size=1)
+    # Waits up to 5 s for the batch to fill: all six requests share one forward pass.
+    batch_srv = start_server(checkpoint=checkpoint, max_batch_size=len(jobs), max_batch_wait_ms=5000.0)
+    try:
+
+        def act(client: PolicyClient, job: tuple[int, str, float]) -> Actions:
+            i, text, temperature = job
+            images, proprio = observation(30 + i)
+            return client.act(images, text, proprio, temperature=temperature, seed=100 + i, return_logprobs=True)
+
+        with PolicyClient(f"grpc://{alone_srv.address}", timeout=30) as client:
+            alone = [act(client, job) for job in jobs]
+        assert [chunk.batch_size for chunk in alone] == [1] * len(jobs)
+
+        together: dict[int, Actions] = {}
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(len(jobs))
+        with PolicyClient(f"grpc://{batch_srv.address}", timeout=30) as client:
+
+            def call(k: int) -> None:
+                try:
+                    barrier.wait(timeout=10)
+                    together[k] = act(client, jobs[k])
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=call, args=(k,)) for k in range(len(jobs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert not errors, errors
+        assert sorted(together) == list(range(len(jobs))) and {c.batch_size for c in together.values()} == {len(jobs)}
+        for k, (job, one) in enumerate(zip(jobs, alone, strict=True)):
+            many = together[k]
+            assert many.logprobs is not None and one.logprobs is not None
+            np.testing.assert_array_equal(many.token_ids, one.token_ids, err_msg=str(job))
+            np.testing.assert_array_equal(many.actions, one.actions, err_msg=str(job))
+            assert np.abs(many.logprobs - one.logprobs).max() <= 1e-5, job
+    finally:
+        alone_srv.stop(grace=1)
+        batch_srv.stop(grace=1)
 
 
 def _raw_act(address: str, request: policy_pb2.ActRequest, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.RpcError:

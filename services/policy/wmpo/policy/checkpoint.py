@@ -80,7 +80,11 @@ class PolicyBundle:
     def prepare(
         self, images: Sequence[dict[str, Array]], proprio: Sequence[Array], instructions: Sequence[str]
     ) -> PolicyInputs:
-        """Stack numpy observations (uint8 HWC images per camera) into model inputs on the model's device."""
+        """Stack numpy observations (uint8 HWC images per camera) into model inputs on the model's device.
+
+        Instructions are right-padded to the batch's longest; the model numbers positions from the mask, so
+        a row's outputs are the same alone or in any batch.
+        """
         pixels = np.stack([np.stack([img[name] for name in self.camera_names]) for img in images])
         pixel_values = torch.from_numpy(pixels).permute(0, 1, 4, 2, 3).float().div_(127.5).sub_(1.0)
         state = (

@@ -6,6 +6,10 @@ pass gives independent logits for every action token of the chunk. The chunk's d
 over tokens, so sampling with a temperature and the exact log-probability of any given tokens come from
 the same logits: `sample` and `token_logprobs` agree to floating-point precision.
 
+A row's logits do not depend on its batch: instructions are padded to the batch's longest, padding is never
+attended to, and the position ids count only attended tokens (`positions_from_mask`), so the action queries
+sit at the positions the row has alone whatever the padding (issue 13).
+
 Configs are `transformers` configs (`VLAConfig` composes a `SiglipVisionConfig` and a `LlamaConfig`), so
 `save_pretrained`/`from_pretrained` work on local directories and bigger parts can be configured in.
 """
@@ -127,8 +131,8 @@ class VLAPolicy(PreTrainedModel):
         self,
         pixel_values: torch.Tensor,  # float [B, cameras, 3, H, W] in [-1, 1]
         proprio: torch.Tensor,  # float [B, P], already scaled
-        input_ids: torch.Tensor,  # long [B, L]
-        attention_mask: torch.Tensor,  # long [B, L]
+        input_ids: torch.Tensor,  # long [B, L], instruction tokens padded on either side
+        attention_mask: torch.Tensor,  # long [B, L], 1 on real tokens, 0 on padding
     ) -> torch.Tensor:
         """float32 logits [B, T, A, num_bins]."""
         cfg = self.config
@@ -147,10 +151,23 @@ class VLAPolicy(PreTrainedModel):
         mask = torch.cat(
             [ones((batch, image_tokens.shape[1] + 1)), attention_mask, ones((batch, queries.shape[1]))], dim=1
         )
-        hidden = self.language(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        hidden = self.language(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions_from_mask(mask)
+        ).last_hidden_state
         logits = self.action_head(hidden[:, -queries.shape[1] :]).float()
         shaped: torch.Tensor = logits.reshape(batch, cfg.chunk_length, cfg.action_dim, cfg.num_bins)
         return shaped
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, S] that count only the attended tokens of each row (padding gets 0 and is never attended).
+
+    Without them Llama numbers the padded sequence 0..S-1, so padding a shorter instruction up to the batch's
+    longest moves the action queries (and changes every logit of the row): with these, a row sees the positions
+    it has alone, whatever its batch and wherever the padding is.
+    """
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 0)
 
 
 def scaled_log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
