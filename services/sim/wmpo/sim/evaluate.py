@@ -1,8 +1,11 @@
-"""Real evaluation: success rate with a 95% Wilson interval and mean episode length, plus GIF videos."""
+"""Real evaluation: success rate with a 95% Wilson interval and mean episode length, plus GIF videos.
+
+The report keeps each seed's outcome (``per_episode``), so two reports on the same seeds can be compared
+pairwise (`wmpo.sim.stats.PairedComparison`, `wmpo eval compare`).
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,20 +16,10 @@ import numpy as np
 from wmpo.common.media import write_gif
 from wmpo.sim.rollout import EpisodeResult, run_many
 from wmpo.sim.sources import SourceSpec
+from wmpo.sim.stats import wilson_interval
 from wmpo.sim.tasks import EVAL_SEED_OFFSET, TaskSpec
 
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """The Wilson score interval of a binomial proportion (95% by default); (0, 1) when n = 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == n else min(1.0, centre + half)
-    return low, high
+__all__ = ["EvalReport", "evaluate", "wilson_interval"]  # wilson_interval lives in stats; kept importable here
 
 
 @dataclass
@@ -47,6 +40,10 @@ class EvalReport:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def outcomes(self) -> dict[int, bool]:
+        """``{seed: success}``, the per-seed outcomes a paired comparison needs."""
+        return {int(e["seed"]): bool(e["success"]) for e in self.per_episode}
 
 
 def evaluate(
