@@ -10,9 +10,10 @@ import pytest
 import torch
 from policy_fixtures import make_checkpoint
 
+from wmpo.common.tensors import Array
 from wmpo.policy.checkpoint import load_policy
 from wmpo.trainer.grpo import GRPOConfig, Samples, clipped_loss, group_advantages, grpo_update, keep_group
-from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult, MessageError, pack, unpack
+from wmpo.trainer.rollout.episodes import NO_FRAMES, EpisodeJob, EpisodeResult, MessageError, pack, unpack
 from wmpo.trainer.runconfig import RunConfig
 
 
@@ -77,7 +78,7 @@ def test_update_starts_at_ratio_one_and_moves_the_policy(tmp_path: Path) -> None
     inputs = bundle.prepare([{"main": o} for o in observations], [np.zeros(0, np.float32)] * n, ["reach the goal"] * n)
     acted = bundle.act(inputs, [1.6] * n, list(range(n)))
     samples = Samples(observations, ["reach the goal"] * n, acted.tokens, acted.logprobs,
-                      np.array([1, -1, 1, -1, 1, -1], np.float32))  # fmt: skip
+                      np.array([1, -1, 1, -1, 1, -1], np.float32), proprio=np.zeros((n, 0), np.float32))  # fmt: skip
     before = [p.detach().clone() for p in bundle.model.parameters()]
     optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=1e-3, weight_decay=0.0)
     config = GRPOConfig.from_run(RunConfig.load(None, minibatch_size=4, epochs=2))
@@ -88,7 +89,32 @@ def test_update_starts_at_ratio_one_and_moves_the_policy(tmp_path: Path) -> None
     assert any(not torch.equal(a, b) for a, b in zip(before, bundle.model.parameters(), strict=True))
     with pytest.raises(ValueError, match="no samples"):
         grpo_update(bundle, optimizer, Samples(observations[:0], [], acted.tokens[:0], acted.logprobs[:0],
-                                               np.zeros(0, np.float32)), config, rng)  # fmt: skip
+                                               np.zeros(0, np.float32), np.zeros((0, 0), np.float32)), config,
+                    rng)  # fmt: skip
+
+
+def test_the_update_feeds_the_proprio_the_rollouts_were_sampled_with(tmp_path: Path) -> None:
+    """Defect (b): a proprio policy's θ_old log-probs are recomputed from the proprio it was sent (ρ = 1); the
+    zeros the update used to feed give other log-probs."""
+    bundle = load_policy(make_checkpoint(tmp_path / "p", proprio_dim=4, image_size=32))
+    rng = np.random.default_rng(1)
+    n = 6
+    observations = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+    proprio = rng.normal(0.0, 0.5, (n, 4)).astype(np.float32)
+    inputs = bundle.prepare([{"main": o} for o in observations], list(proprio), ["reach the goal"] * n)
+    acted = bundle.act(inputs, [1.6] * n, list(range(n)))
+    config = GRPOConfig.from_run(RunConfig.load(None, minibatch_size=n))
+    optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=0.0)  # θ stays θ_old for each call
+
+    def first_ratio(fed: Array) -> float:
+        samples = Samples(observations, ["reach the goal"] * n, acted.tokens, acted.logprobs,
+                          np.ones(n, np.float32), proprio=fed)  # fmt: skip
+        return grpo_update(bundle, optimizer, samples, config, np.random.default_rng(0)).first_max_abs_log_ratio
+
+    assert first_ratio(proprio) < 1e-5
+    assert first_ratio(np.zeros_like(proprio)) > 1e-3  # the old code's input: the test catches it
+    with pytest.raises(ValueError, match="proprio of shape"):
+        first_ratio(np.zeros((n, 0), np.float32))
 
 
 def test_grpo_config_is_the_run_configs_grpo_part() -> None:
@@ -131,6 +157,23 @@ def test_jobs_and_results_round_trip_without_pickle() -> None:
     np.testing.assert_array_equal(again.logprobs, result.logprobs)
     no_frames = EpisodeResult.from_bytes(EpisodeResult(**{**result.__dict__, "frames": None}).to_bytes())
     assert no_frames.frames is None
+    assert again.real is False and again.proprio.shape == (2, 0)  # dream: the policy was sent no proprio
+    sim = EpisodeResult(**{**result.__dict__, "proprio": np.full((2, 4), 0.25, np.float32), "real": True})
+    sim_back = EpisodeResult.from_bytes(sim.to_bytes())
+    assert sim_back.real is True
+    np.testing.assert_array_equal(sim_back.proprio, sim.proprio)
+    # a result written before proprio and real existed still reads: no proprio, not real
+    old_fields, old_arrays = unpack(result.to_bytes())
+    old_arrays.pop("proprio")
+    old_fields.pop("real")
+    old = EpisodeResult.from_bytes(pack(old_fields, old_arrays))
+    assert old.proprio.shape == (2, 0) and old.real is False
+    sim_job = EpisodeJob("r/it0000/g001/e00", "r", 0, 1, 0, 3, "reach", NO_FRAMES, seed=5, horizon=24,
+                         environment="sim", task="reach", reset_seed=77, camera="corner2")  # fmt: skip
+    sim_job_back = EpisodeJob.from_bytes(sim_job.to_bytes())
+    assert (sim_job_back.environment, sim_job_back.task, sim_job_back.reset_seed, sim_job_back.camera) == (
+        "sim", "reach", 77, "corner2")  # fmt: skip
+    assert sim_job_back.start_frames.shape == (0, 0, 0, 3) and back.environment == "dream"
     fields, arrays = unpack(pack({"a": 1}, {"x": np.array([1.5], np.float64)}))
     assert fields == {"a": 1} and arrays["x"].dtype == np.float64
     for bad in (b"", b"\x05\x00\x00\x00{oops", pack({"a": 1}, {"x": np.zeros(4)})[:-8]):

@@ -1,8 +1,12 @@
 """WMPO through the services: real Redis, a real Triton dream/reward server, a real policy gRPC server,
-real rollout-worker processes, tiny models and a small real-simulator dataset."""
+real rollout-worker processes, tiny models and a small real-simulator dataset; and online GRPO in the real
+simulator (environment sim) through the same queue, workers, policy server and update, without Triton."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import os
 import signal
 import subprocess
@@ -19,18 +23,28 @@ import torch
 import yaml
 from policy_fixtures import make_checkpoint, start_server
 
+from wmpo.common.config import ConfigError
 from wmpo.common.net import free_port, wait_until
 from wmpo.common.redis_server import RedisServer
 from wmpo.common.registry import Registry
+from wmpo.common.seeds import step_seed
+from wmpo.common.tensors import Array
 from wmpo.common.triton import TritonPorts
 from wmpo.data.dataset import TrajectoryDataset
+from wmpo.policy.checkpoint import load_policy
 from wmpo.policy.serving.server import PolicyServer
+from wmpo.robot import AsyncPolicyClient
 from wmpo.robot.client import PolicyClient
+from wmpo.sim.env import MetaWorldEnv
 from wmpo.sim.rollout import run_many
 from wmpo.sim.sources import SourceSpec
-from wmpo.sim.tasks import get_task
-from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult
+from wmpo.sim.tasks import EVAL_SEED_OFFSET, get_task
+from wmpo.trainer.grpo import GRPOConfig, Samples, grpo_update
+from wmpo.trainer.learner import budget_groups
+from wmpo.trainer.rollout.episodes import NO_FRAMES, EpisodeJob, EpisodeResult
 from wmpo.trainer.rollout.queue import JobQueue
+from wmpo.trainer.rollout.worker import POLICY_OPTIONS, RolloutWorker
+from wmpo.trainer.runconfig import RunConfig
 from wmpo.worldmodel.checkpoint import save_world_model
 from wmpo.worldmodel.model import make_world_model
 from wmpo.worldmodel.reward.checkpoint import save_reward_model
@@ -136,6 +150,9 @@ def test_two_iterations_publish_versions_that_the_policy_server_serves(services:
     records = [yaml.safe_load(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2]
     assert [(r["policy_version"], r["new_policy_version"]) for r in records] == [(1, 2), (2, 3)]
+    # the alignment's 2 real rollouts are the run's only real episodes (dream episodes are imagined)
+    assert [(r["real_episodes"], r["real_episodes_total"]) for r in records] == [(2, 2), (0, 2)]
+    assert json.loads((run_dir / "state.json").read_text())["real_episodes"] == 2
     for r in records:
         assert r["episodes"] == 8 and r["lost_episodes"] == 0 and r["groups"] == 2 and r["kept_group_fraction"] == 1
         assert 0 <= r["imagined_success_rate"] <= 1 and r["frames"] >= 8 and r["episodes_per_s"] > 0
@@ -172,7 +189,7 @@ def test_two_iterations_publish_versions_that_the_policy_server_serves(services:
     again = subprocess.run([*WMPO, "train", "--config", str(config), "--no-progress"], check=False, capture_output=True,
                            text=True, timeout=120)  # fmt: skip
     assert again.returncode == 0, again.stderr
-    assert "finished after 2/2 iterations, policy version 3 (16 imagined episodes)" in again.stdout
+    assert "finished after 2/2 iterations, policy version 3 (16 imagined episodes, 2 real episodes)" in again.stdout
     assert len(Registry(services.registry, "policy").list()) == 3
 
 
@@ -199,7 +216,7 @@ def test_a_learner_killed_mid_iteration_resumes_without_recounting_episodes(serv
         worker_log = stop(worker)
     assert done.returncode == 0, done.stdout + done.stderr + worker_log
     assert "reusing finished episodes" in done.stdout + done.stderr
-    assert "finished after 2/2 iterations" in done.stdout and "(16 imagined episodes)" in done.stdout
+    assert "finished after 2/2 iterations" in done.stdout and "(16 imagined episodes, 0 real episodes)" in done.stdout
     lines = (tmp_path / "runs" / "run-b" / "metrics.jsonl").read_text().splitlines()
     assert [yaml.safe_load(line)["iteration"] for line in lines] == [1, 2]
     assert yaml.safe_load(lines[1])["total_episodes"] == 16
@@ -276,3 +293,219 @@ def test_a_redis_restart_loses_no_episode(services: Services, tmp_path: Path) ->
         server.stop()
     assert set(raw) == {j.job_id for j in jobs}, log
     assert "cannot reach the job queue; retrying" in log
+
+
+# ------------------------------------------------------------------------------------ online GRPO in the simulator
+
+SIM_POLICY = 1  # version 1 of the sim registry: a policy that takes proprio
+
+
+@dataclass
+class SimServices:
+    root: Path
+    registry: Path
+    redis_url: str
+    policy: PolicyServer
+
+    @property
+    def policy_address(self) -> str:
+        return f"grpc://{self.policy.address}"
+
+
+@pytest.fixture(scope="module")
+def sim_services(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer) -> Iterator[SimServices]:
+    """A registry whose version 1 is a tiny 32px policy that takes proprio, and a policy server: no Triton."""
+    root = tmp_path_factory.mktemp("wmpo-sim")
+    registry = root / "registry"
+    Registry(registry, "policy").publish(make_checkpoint(root / "policy", proprio_dim=4, image_size=SIZE))
+    policy = start_server(registry=str(registry), redis_url=redis_server.url)
+    try:
+        yield SimServices(root, registry, redis_server.url, policy)
+    finally:
+        policy.stop()
+
+
+def sim_job(i: int, reset_seed: int, horizon: int, **fields: Any) -> EpisodeJob:
+    return EpisodeJob(f"sim/it0000/g000/e{i:02d}", "sim", 0, 0, i, SIM_POLICY, get_task("reach").instruction,
+                      NO_FRAMES, seed=1000 + i, horizon=horizon, environment="sim", task="reach",
+                      reset_seed=reset_seed, **fields)  # fmt: skip
+
+
+def roll_out(
+    sim: SimServices, queue_name: str, jobs: list[EpisodeJob], concurrency: int = 2
+) -> dict[str, EpisodeResult]:
+    """Run `jobs` with an in-process rollout worker that has no world model."""
+    queue = JobQueue(sim.redis_url, queue_name)
+    queue.purge()
+    queue.enqueue_many([(j.job_id, j.to_bytes()) for j in jobs])
+
+    async def work() -> None:
+        async with AsyncPolicyClient(sim.policy_address, POLICY_OPTIONS) as policy:
+            stats = await RolloutWorker(queue, policy, None, name="sim-w", concurrency=concurrency).run(
+                max_jobs=len(jobs)
+            )
+        assert stats.completed == len(jobs) and stats.failed == 0, stats
+
+    asyncio.run(work())
+    raw = queue.results([j.job_id for j in jobs])
+    queue.purge()
+    return {job_id: EpisodeResult.from_bytes(data) for job_id, data in raw.items()}
+
+
+def test_a_sim_job_rolls_out_in_the_simulator_through_the_policy_server(sim_services: SimServices) -> None:
+    jobs = [sim_job(0, reset_seed=11, horizon=20, record_frames=True), sim_job(1, reset_seed=12, horizon=20)]
+    results = roll_out(sim_services, "sim-worker", jobs)
+    assert set(results) == {j.job_id for j in jobs}
+    client = PolicyClient(sim_services.policy_address)
+    camera = client.camera(SIM_POLICY)
+    env = MetaWorldEnv("reach", image_size=SIZE)
+    for job in jobs:
+        result = results[job.job_id]
+        n = len(result.tokens)
+        assert result.real and result.world_model_version == 0 and result.policy_version == SIM_POLICY
+        assert result.tokens.shape == result.logprobs.shape == (n, 8, 4) and np.all(result.logprobs <= 0)
+        assert result.observations.shape == (n, SIZE, SIZE, 3) and result.proprio.shape == (n, 4)
+        assert result.proprio.dtype == np.float32 and result.success_probs.shape == (result.length,)
+        assert 1 <= result.length <= 20 and n == math.ceil(result.length / 8)
+        # replay: the same seed's reset, the same pinned version and sampling seeds give the same chunks, frames,
+        # proprio and outcome — the episode is the simulator's, and its success is the simulator's
+        obs, success = env.reset(job.reset_seed or 0), False
+        steps: list[float] = []
+        for i in range(n):
+            np.testing.assert_array_equal(result.observations[i], obs.image)
+            np.testing.assert_array_equal(result.proprio[i], obs.proprio)
+            chunk = client.act({camera: obs.image}, job.instruction, obs.proprio, version=SIM_POLICY,
+                               temperature=job.temperature, seed=step_seed(job.seed, i))  # fmt: skip
+            np.testing.assert_array_equal(chunk.token_ids, result.tokens[i])
+            for action in chunk.actions[: job.horizon - len(steps)]:
+                step = env.step(action)
+                obs, success = step.observation, step.success
+                steps.append(float(success))
+                if success:
+                    break
+        assert (result.success, result.length) == (success, len(steps))
+        np.testing.assert_array_equal(result.success_probs, steps)
+    recorded = results[jobs[0].job_id].frames
+    assert recorded is not None and recorded.shape == (results[jobs[0].job_id].length + 1, SIZE, SIZE, 3)
+    assert results[jobs[1].job_id].frames is None
+    env.close()
+    client.close()
+
+
+def test_the_update_on_sim_samples_of_a_proprio_policy_starts_at_ratio_one(
+    sim_services: SimServices, tmp_path: Path
+) -> None:
+    """Defect (b): the update feeds each chunk the real proprio it was sampled with; zeros (the old code) do not
+    reproduce the rollouts' log-probs."""
+    jobs = [sim_job(i, reset_seed=20 + i, horizon=16) for i in range(2)]
+    results = list(roll_out(sim_services, "sim-ratio", jobs, concurrency=1).values())
+    samples = Samples(
+        np.concatenate([r.observations for r in results]),
+        [jobs[0].instruction] * sum(len(r.tokens) for r in results),
+        np.concatenate([r.tokens for r in results]),
+        np.concatenate([r.logprobs for r in results]),
+        np.ones(sum(len(r.tokens) for r in results), np.float32),
+        proprio=np.concatenate([r.proprio for r in results]),
+    )
+    config = GRPOConfig.from_run(RunConfig.load(None, minibatch_size=len(samples), temperature=jobs[0].temperature))
+    bundle = load_policy(Registry(sim_services.registry, "policy").verify(SIM_POLICY).path)
+    optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=0.0)  # θ stays θ_old for each call
+
+    def first_ratio(proprio: Array) -> float:
+        fed = Samples(**{**samples.__dict__, "proprio": proprio})
+        return grpo_update(bundle, optimizer, fed, config, np.random.default_rng(0)).first_max_abs_log_ratio
+
+    assert first_ratio(samples.proprio) < 1e-5
+    assert first_ratio(np.zeros_like(samples.proprio)) > 1e-3  # what the update fed before the fix
+
+
+def sim_run_config(sim: SimServices, tmp_path: Path, queue: str, name: str, **run: Any) -> Path:
+    config = {
+        "trainer": {
+            "redis_url": sim.redis_url, "policy_address": sim.policy_address,
+            "dream_address": f"127.0.0.1:{free_port()}", "registry_dir": str(sim.registry),
+            "runs_dir": str(tmp_path / "runs"), "queue_name": queue,
+        },
+        "run": {
+            "task": "reach", "environment": "sim", "policy": str(SIM_POLICY), "iterations": 3,
+            "groups_per_iteration": 2, "group_size": 2, "horizon": 24, "keep_low": 0.0, "keep_high": 1.0,
+            "minibatch_size": 4, "lr": 1e-3, "videos_per_iteration": 1, "swap_timeout_s": 60, **run,
+        },
+    }  # fmt: skip
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def spawn_sim_worker(sim: SimServices, name: str, queue: str) -> subprocess.Popen[bytes]:
+    """`wmpo trainer worker` with Redis and the policy only: its --dream address has nothing listening."""
+    cmd = [*WMPO, "trainer", "worker", "--redis", sim.redis_url, "--policy", sim.policy_address,
+           "--dream", f"127.0.0.1:{free_port()}", "--concurrency", "2", "--name", name]  # fmt: skip
+    env = {**os.environ, "WMPO_TRAINER_QUEUE_NAME": queue, "WMPO_TRAINER_VISIBILITY_TIMEOUT_S": "3"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_online_grpo_in_the_simulator_counts_each_real_episode_once_within_its_budget(
+    sim_services: SimServices, tmp_path: Path
+) -> None:
+    """3 planned iterations of 2 groups x 2 real episodes under a budget of 6: the first runs 4 (2 of them reclaimed
+    from a worker killed mid-episode, each counted once), the second is shrunk to 1 group (2), the third does not
+    fit."""
+    config = sim_run_config(sim_services, tmp_path, "sim-train", "sim-a", real_episode_budget=6)
+    queue = JobQueue(sim_services.redis_url, "sim-train")
+    queue.purge()
+    doomed = spawn_sim_worker(sim_services, "doomed", "sim-train")
+    rescuer: subprocess.Popen[bytes] | None = None
+    first = [f"sim-a/it0000/g{g:03d}/e{e:02d}" for g in range(2) for e in range(2)]
+    learner = subprocess.Popen([*WMPO, "train", "--config", str(config), "--no-progress"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        wait_until(lambda: queue.stats().pending >= 2 or learner.poll() is not None, timeout=120, interval=0.02,
+                   what="the first worker to claim 2 of iteration 1's episodes")  # fmt: skip
+        assert not queue.results(first), "episodes finished before the kill"
+        doomed.kill()
+        doomed.wait()
+        rescuer = spawn_sim_worker(sim_services, "rescuer", "sim-train")
+        out, _ = learner.communicate(timeout=300)
+    finally:
+        if learner.poll() is None:
+            learner.kill()
+        doomed_log = stop(doomed)
+        rescuer_log = stop(rescuer) if rescuer is not None else ""
+    assert learner.returncode == 0, out + rescuer_log
+    assert "run sim-a: finished after 2/3 iterations, policy version 3 (6 sim episodes, 6 real episodes of a " \
+           "budget of 6)" in out  # fmt: skip
+    assert "real-episode budget spent: the run ends here" in out
+    assert "the world model is not reachable" in rescuer_log + doomed_log  # no Triton, and no need for one
+
+    run_dir = tmp_path / "runs" / "sim-a"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["groups"], r["episodes"], r["real_episodes"], r["real_episodes_total"]) for r in records] == [
+        (2, 4, 4, 4), (1, 2, 2, 6)]  # fmt: skip
+    assert records[0]["retried_episodes"] == 2 and records[1]["retried_episodes"] == 0  # reclaimed, counted once
+    for r in records:
+        assert r["environment"] == "sim" and 0 <= r["sim_success_rate"] <= 1 and r["lost_episodes"] == 0
+        assert r["first_max_abs_log_ratio"] < 1e-5  # a proprio policy, updated on the proprio it was sent
+        assert r["world_model_version"] == 0 and "imagined_success_rate" not in r
+    state = json.loads((run_dir / "state.json").read_text())
+    assert (state["iteration"], state["episodes"], state["real_episodes"], state["eval_episodes"]) == (2, 6, 6, 0)
+    status = yaml.safe_load((run_dir / "status.json").read_text())
+    assert (status["status"], status["iteration"], status["policy_version"]) == ("finished", 2, 3)
+    published = [v for v in Registry(sim_services.registry, "policy").list() if v.metadata.get("run_id") == "sim-a"]
+    assert [(v.version, v.metadata["environment"]) for v in published] == [(2, "sim"), (3, "sim")]
+    assert len(list((run_dir / "videos").glob("it0001-g00-e00-*.gif"))) == 1
+    queue.purge()
+
+
+def test_run_config_environment_budget_and_training_seeds() -> None:
+    assert RunConfig.load(None).environment == "dream" and RunConfig.load(None).real_episode_budget is None
+    sim = RunConfig.load(None, environment="sim", real_episode_budget=10)
+    assert sim.sim_seeds[1] <= EVAL_SEED_OFFSET  # training seeds never reach the evaluation seeds
+    with pytest.raises(ConfigError, match="held out for evaluation"):
+        RunConfig.load(None, sim_seeds=(0, EVAL_SEED_OFFSET + 1))
+    with pytest.raises(ConfigError, match="alignment fine-tunes the world model"):
+        RunConfig.load(None, environment="sim", align_every=1)
+    # whole groups within what is left of the budget; no budget: all groups
+    assert budget_groups(8, 8, None, 10**9) == 8
+    assert [budget_groups(2, 2, 6, used) for used in (0, 4, 5, 6, 7)] == [2, 1, 0, 0, 0]
+    assert budget_groups(128, 1, 100, 30) == 70  # an alignment shrunk to the rest

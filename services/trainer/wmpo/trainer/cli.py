@@ -29,7 +29,8 @@ def worker(
     ] = None,
     config_file: ConfigOpt = None,
 ) -> None:
-    """A rollout worker: imagined episodes from the Redis queue, policy <-> world model, results back."""
+    """A rollout worker: episodes from the Redis queue (dream: policy <-> world model; sim: policy <-> the simulator,
+    which needs no Triton), results back."""
     from wmpo.trainer.rollout.runner import run_worker
 
     settings = TrainerSettings.load(
@@ -70,7 +71,9 @@ def api(
     serve_api(settings)
 
 
-train_app = typer.Typer(help="Run WMPO training (GRPO in the world model) from a run config.")
+train_app = typer.Typer(
+    help="Run WMPO training (GRPO in the world model, or online in the simulator) from a run config."
+)
 
 
 @train_app.callback(invoke_without_command=True)
@@ -81,7 +84,8 @@ def train(
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
-    """Run WMPO: imagined GRPO iterations through the rollout workers, publishing a policy version each."""
+    """Run WMPO: GRPO iterations through the rollout workers (run.environment: dream or sim), publishing a policy
+    version each."""
     from wmpo.common.cli import check_device
     from wmpo.common.metrics import serve_metrics
     from wmpo.trainer.learner import Learner, load_run
@@ -93,7 +97,10 @@ def train(
     learner = Learner(settings, config, rid, text, progress=progress)
     state = learner.run()
     record = learner.store.get(rid)
+    kind = "imagined" if config.environment == "dream" else "sim"
+    budget = "" if config.real_episode_budget is None else f" of a budget of {config.real_episode_budget}"
     typer.echo(
         f"run {rid}: {record.status} after {state.iteration}/{config.iterations} iterations, "
-        f"policy version {state.policy_version} ({state.episodes} imagined episodes)"
+        f"policy version {state.policy_version} ({state.episodes} {kind} episodes, "
+        f"{state.real_episodes} real episodes{budget})"
     )

@@ -8,7 +8,9 @@ sampling). The loss is the token-level PPO-clip objective with ε_low / ε_high 
     L = −mean_tokens min(ρ·A, clip(ρ, 1 − ε_low, 1 + ε_high)·A),   ρ = exp(log π_θ − log π_θold)
 
 Every action token of every chunk of an episode shares that episode's advantage. Log-probs are under the
-sampling temperature, exactly as the policy server reports them, so at the first minibatch ρ = 1.
+sampling temperature, exactly as the policy server reports them, and each chunk is recomputed from the very
+inputs the server was sent (frame, proprio, instruction, through the same `PolicyBundle.prepare`), so at the
+first minibatch ρ = 1.
 """
 
 from __future__ import annotations
@@ -97,13 +99,14 @@ def clipped_loss(
 
 @dataclass
 class Samples:
-    """Chunk-level training samples of the kept groups."""
+    """Chunk-level training samples of the kept groups: what the policy was sent, what it answered, the advantage."""
 
     observations: Array  # uint8 [N, H, W, C]
     instructions: list[str]  # [N]
     tokens: Array  # int [N, T, A]
     logprobs: Array  # float32 [N, T, A] from the rollouts (θ_old)
     advantages: Array  # float32 [N]
+    proprio: Array  # float32 [N, P]: the proprio each chunk was sampled with (P = the policy's proprio dim, may be 0)
 
     def __len__(self) -> int:
         return len(self.advantages)
@@ -132,6 +135,11 @@ def grpo_update(
     """`epochs` passes of shuffled minibatches over `samples`, one optimizer step each."""
     if len(samples) == 0:
         raise ValueError("no samples to train on")
+    if samples.proprio.shape != (len(samples), bundle.proprio_dim):
+        raise ValueError(
+            f"proprio of shape {samples.proprio.shape} for {len(samples)} samples of a policy whose proprio dim is "
+            f"{bundle.proprio_dim}: the update must see the proprio the rollouts were sampled with"
+        )
     camera = bundle.camera_names[0]
     device = bundle.device
     total, done = config.optimizer_steps(len(samples)), 0
@@ -144,7 +152,7 @@ def grpo_update(
             rows = order[start : start + config.minibatch_size]
             inputs = bundle.prepare(
                 [{camera: samples.observations[i]} for i in rows],
-                [np.zeros(bundle.proprio_dim, np.float32)] * len(rows),
+                [samples.proprio[i] for i in rows],
                 [samples.instructions[i] for i in rows],
             )
             tokens = torch.from_numpy(np.asarray(samples.tokens[rows], np.int64)).to(device)

@@ -1,10 +1,22 @@
 """The WMPO learner/orchestrator: one process per run (`wmpo train --config RUN.yaml`).
 
-Each iteration it samples start states from the real dataset, enqueues a group of G imagined episodes per
-start state (pinned to the current policy version), gathers the results from the rollout workers, keeps the
-groups whose success rate lies in [keep_low, keep_high], runs the GRPO update and publishes the new version,
-then waits until the policy server serves it. Every `align_every` iterations it re-aligns the world and
-reward models with real rollouts of the current version (`wmpo.trainer.alignment`).
+Each iteration it picks start states, enqueues a group of G episodes per start state (pinned to the current
+policy version), gathers the results from the rollout workers, keeps the groups whose success rate lies in
+[keep_low, keep_high], runs the GRPO update and publishes the new version, then waits until the policy server
+serves it. The run's `environment` says where episodes roll out: ``dream`` — start states from the real
+dataset, imagined by the world model — or ``sim`` — simulator resets at training seeds, real episodes (online
+GRPO); nothing else differs. Every `align_every` iterations (dream only) it re-aligns the world and reward
+models with real rollouts of the current version (`wmpo.trainer.alignment`).
+
+Real episodes. Every real episode the run consumes is counted once in `RunState.real_episodes` (state.json)
+and per iteration in the metrics (`real_episodes`, `real_episodes_total`): a sim episode when its result is
+committed with its iteration (a result reused after a crash, or produced by a second worker after a reclaim,
+is one result: counted once; an episode lost with a killed worker or dead-lettered gave no data and is not
+counted), an alignment rollout when the alignment starts (reserved before it runs, so a crash never lets it
+go uncounted). Evaluation on held-out seeds is measurement, not training data: counted apart
+(`eval_episodes`), not against the budget. With `real_episode_budget` the budget is never exceeded: a sim
+iteration that would exceed it runs fewer groups (whole groups of G), and when not one group fits the run
+ends, status finished, with a log line saying so; an alignment is shrunk to what is left, or skipped.
 
 Crash safety: job ids are ``<run>/it<i>/g<g>/e<e>``, so a restarted learner re-enqueues only unfinished
 episodes and reuses finished results (the queue keeps them until the iteration is committed); a version
@@ -37,12 +49,13 @@ from wmpo.common.training_state import load_tensors, save_tensors
 from wmpo.data.dataset import TrajectoryDataset
 from wmpo.policy.checkpoint import PolicyBundle, load_policy, save_policy
 from wmpo.robot.client import PolicyClient, PolicyClientError
+from wmpo.sim.env import ACTION_DIM, PROPRIO_DIM
 from wmpo.sim.tasks import get_task
 from wmpo.trainer.connections import make_queue, open_registry, policy_source, policy_token
 from wmpo.trainer.control.runs import RunStore
 from wmpo.trainer.grpo import GRPOConfig, Samples, UpdateStats, group_advantages, grpo_update, keep_group
 from wmpo.trainer.progress import advance_to
-from wmpo.trainer.rollout.episodes import EpisodeJob, EpisodeResult
+from wmpo.trainer.rollout.episodes import NO_FRAMES, EpisodeJob, EpisodeResult
 from wmpo.trainer.runconfig import RunConfig
 from wmpo.trainer.settings import TrainerSettings
 from wmpo.worldmodel.serving.client import WorldModelClient, WorldModelSpec
@@ -50,6 +63,8 @@ from wmpo.worldmodel.serving.client import WorldModelClient, WorldModelSpec
 log = get_logger(__name__)
 RUN_GAUGES = (
     "imagined_success_rate",
+    "sim_success_rate",
+    "real_episodes_total",
     "kept_group_fraction",
     "loss",
     "clip_fraction",
@@ -77,9 +92,11 @@ class RunState:
     iteration: int  # iterations completed
     policy_version: int  # the version the next iteration rolls out
     initial_version: int
-    episodes: int = 0  # imagined episodes counted (each once)
+    episodes: int = 0  # rollout episodes (imagined, or simulated in a sim run) counted (each once)
     frames: int = 0
     alignments: int = 0
+    real_episodes: int = 0  # real episodes consumed: sim rollouts + alignment rollouts (the budget's count)
+    eval_episodes: int = 0  # real evaluation episodes on held-out seeds (not against the budget)
 
     @classmethod
     def read(cls, path: Path) -> RunState | None:
@@ -92,6 +109,14 @@ class RunState:
 def episode_seed(run_seed: int, iteration: int, group: int, index: int) -> int:
     """A stable, well-spread seed per episode (the same after a restart)."""
     return int(np.random.SeedSequence([run_seed, iteration, group, index]).generate_state(1, np.uint64)[0]) >> 2
+
+
+def budget_groups(groups: int, group_size: int, budget: int | None, used: int) -> int:
+    """How many of `groups` groups of `group_size` real episodes fit in what is left of `budget` after `used`
+    (all of them without a budget; 0 when not one more group fits)."""
+    if budget is None:
+        return groups
+    return max(0, min(groups, (budget - used) // group_size))
 
 
 class Learner:
@@ -150,12 +175,26 @@ class Learner:
         except VersionNotFoundError as exc:
             raise UserError(str(exc.args[0])) from exc
         bundle = load_policy(info.path, device=self.config.device)
-        if bundle.proprio_dim:
+        if self.config.environment == "dream" and bundle.proprio_dim:
             raise UserError(
                 f"policy version {version} takes proprio (dim {bundle.proprio_dim}), which the world model does not "
-                "imagine; train the base policy with `wmpo policy train-bc --no-proprio`"
+                "imagine; train the base policy with `wmpo policy train-bc --no-proprio` (or run in environment sim)"
+            )
+        if self.config.environment == "sim" and (
+            bundle.action_dim != ACTION_DIM or bundle.proprio_dim not in (0, PROPRIO_DIM)
+        ):
+            raise UserError(
+                f"policy version {version} acts in {bundle.action_dim}-D with proprio dim {bundle.proprio_dim}; the "
+                f"simulator takes {ACTION_DIM}-D actions and gives proprio dim {PROPRIO_DIM}"
             )
         return bundle
+
+    def _groups(self, state: RunState) -> int:
+        """Groups the next iteration runs: all of them, or (sim) the whole groups the real-episode budget allows."""
+        cfg = self.config
+        if cfg.environment == "dream":
+            return cfg.groups_per_iteration
+        return budget_groups(cfg.groups_per_iteration, cfg.group_size, cfg.real_episode_budget, state.real_episodes)
 
     def _state(self) -> RunState:
         state = RunState.read(self.state_file)
@@ -210,10 +249,14 @@ class Learner:
     def _loop(self, state: RunState) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        dataset, starts = self._dataset()
-        spec = self._world_model_spec()
+        dataset: TrajectoryDataset | None = None
+        starts: list[tuple[str, int]] = []
+        spec: WorldModelSpec | None = None
+        if self.config.environment == "dream":
+            dataset, starts = self._dataset()
+            spec = self._world_model_spec()
         bundle = self._load_policy(state.policy_version)
-        if bundle.image_size != spec.image_size:
+        if spec is not None and bundle.image_size != spec.image_size:
             raise UserError(f"the policy sees {bundle.image_size}px images, the world model makes {spec.image_size}px")
         optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=self.grpo.lr, weight_decay=0.0)
         self._load_optimizer(optimizer, state)
@@ -222,6 +265,15 @@ class Learner:
         try:
             while state.iteration < self.config.iterations:
                 self._check_stop()
+                if self._groups(state) == 0:
+                    log.info(
+                        "real-episode budget spent: the run ends here",
+                        run=self.run_id,
+                        iteration=state.iteration,
+                        real_episodes=state.real_episodes,
+                        real_episode_budget=self.config.real_episode_budget,
+                    )
+                    break
                 record = self._iteration(state, dataset, starts, spec, bundle, optimizer, client)
                 for key, value in record.items():
                     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -234,16 +286,20 @@ class Learner:
     def _iteration(
         self,
         state: RunState,
-        dataset: TrajectoryDataset,
+        dataset: TrajectoryDataset | None,
         starts: list[tuple[str, int]],
-        spec: WorldModelSpec,
+        spec: WorldModelSpec | None,
         bundle: PolicyBundle,
         optimizer: torch.optim.Optimizer,
         client: PolicyClient,
     ) -> dict[str, Any]:
         it, cfg = state.iteration, self.config
         began = time.monotonic()
-        jobs = self._jobs(it, state.policy_version, dataset, starts, spec)
+        planned_groups = self._groups(state)
+        if dataset is not None and spec is not None:
+            jobs = self._dream_jobs(it, state.policy_version, planned_groups, dataset, starts, spec)
+        else:
+            jobs = self._sim_jobs(it, state.policy_version, planned_groups)
         results = self._gather(it, jobs)
         rollout_s = time.monotonic() - began
         groups: dict[int, list[EpisodeResult]] = defaultdict(list)
@@ -251,16 +307,19 @@ class Learner:
             groups[result.group].append(result)
         band = (self.grpo.keep_low, self.grpo.keep_high)
         kept = {g: rs for g, rs in groups.items() if len(rs) >= 2 and keep_group([r.reward for r in rs], *band)}
-        planned_groups, frames = len(jobs) // cfg.group_size, int(sum(r.length for r in results))
+        frames, real = int(sum(r.length for r in results)), sum(int(r.real) for r in results)
         record: dict[str, Any] = {
             "iteration": it + 1,
+            "environment": cfg.environment,
             "policy_version": state.policy_version,
-            "imagined_success_rate": float(np.mean([r.success for r in results])) if results else 0.0,
+            self._success_key: float(np.mean([r.success for r in results])) if results else 0.0,
             "groups": planned_groups,
             "kept_groups": len(kept),
             "kept_group_fraction": len(kept) / max(1, planned_groups),
             "episodes": len(results),
             "lost_episodes": len(jobs) - len(results),
+            "retried_episodes": sum(int(r.attempt > 1) for r in results),  # reclaimed from a dead worker, or retried
+            "real_episodes": real,
             "mean_length": float(np.mean([r.length for r in results])) if results else 0.0,
             "frames": frames,
             "rollout_s": rollout_s,
@@ -285,15 +344,19 @@ class Learner:
         state.iteration, state.policy_version = it + 1, new_version
         state.episodes += len(results)
         state.frames += record["frames"]
+        state.real_episodes += real  # committed with the iteration: a reused or reclaimed result counts once
         state.write(self.state_file)
         self.queue.forget_results([job.job_id for job in jobs])
         if new_version != record["policy_version"]:
             record["swap_s"] = self._wait_policy_swap(client, new_version)
-        if cfg.align_every and state.iteration % cfg.align_every == 0 and state.iteration < cfg.iterations:
+        last = state.iteration == cfg.iterations or self._groups(state) == 0
+        if spec is not None and cfg.align_every and state.iteration % cfg.align_every == 0 and not last:
             record.update(self._align(state, spec))
-        if cfg.eval_every and (state.iteration % cfg.eval_every == 0 or state.iteration == cfg.iterations):
-            record.update(self._evaluate(state.policy_version))
+            record["real_episodes"] += record["align_real_rollouts"]
+        if cfg.eval_every and (state.iteration % cfg.eval_every == 0 or last):
+            record.update(self._evaluate(state, bundle.image_size))
         record["total_episodes"], record["time"] = state.episodes, time.time()
+        record["real_episodes_total"], record["eval_episodes_total"] = state.real_episodes, state.eval_episodes
         self.store.append_metrics(self.run_id, record)
         self.store.update(self.run_id, iteration=state.iteration, policy_version=state.policy_version)
         _ITERATION.labels(run=self.run_id).set(state.iteration)
@@ -304,50 +367,88 @@ class Learner:
         log.info(
             "iteration done",
             run=self.run_id,
-            **{k: record[k] for k in ("iteration", "imagined_success_rate", "kept_groups", "new_policy_version")},
+            **{k: record[k] for k in ("iteration", self._success_key, "kept_groups", "new_policy_version")},
+            real_episodes_total=state.real_episodes,
         )
         return record
 
+    @property
+    def _success_key(self) -> str:
+        """The metric of the rollouts' success rate: imagined_success_rate (dream) or sim_success_rate (sim)."""
+        return "imagined_success_rate" if self.config.environment == "dream" else "sim_success_rate"
+
     # -- pieces ----------------------------------------------------------------------------------------
-    def _jobs(
-        self, it: int, version: int, dataset: TrajectoryDataset, starts: list[tuple[str, int]], spec: WorldModelSpec
+    def _dream_jobs(
+        self,
+        it: int,
+        version: int,
+        groups: int,
+        dataset: TrajectoryDataset,
+        starts: list[tuple[str, int]],
+        spec: WorldModelSpec,
     ) -> list[EpisodeJob]:
+        """G jobs per group, each group from a start state of the dataset (its last K real frames)."""
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, it])
         picks = rng.choice(len(starts), size=cfg.groups_per_iteration, replace=cfg.groups_per_iteration > len(starts))
         infos = {info.episode_id: info for info in dataset.episodes}
-        horizon = cfg.horizon or self.task.max_steps
         jobs = []
-        for g, pick in enumerate(picks.tolist()):
+        for g, pick in enumerate(picks[:groups].tolist()):
             episode_id, step = starts[pick]
             frames = dataset.context_frames(episode_id, step, spec.context_frames)
-            for e in range(cfg.group_size):
-                jobs.append(
-                    EpisodeJob(
-                        job_id=f"{self.run_id}/it{it:04d}/g{g:03d}/e{e:02d}",
-                        run_id=self.run_id,
-                        iteration=it,
-                        group=g,
-                        index=e,
-                        policy_version=version,
-                        instruction=infos[episode_id].instruction,
-                        start_frames=frames,
-                        seed=episode_seed(cfg.seed, it, g, e),
-                        horizon=horizon,
-                        temperature=cfg.temperature,
-                        success_threshold=cfg.success_threshold,
-                        record_frames=g * cfg.group_size + e < cfg.videos_per_iteration,
-                        source=f"{episode_id}@{step}",
-                    )
-                )
+            jobs.extend(
+                self._group_jobs(it, version, g, infos[episode_id].instruction, f"{episode_id}@{step}",
+                                 start_frames=frames)
+            )  # fmt: skip
         return jobs
+
+    def _sim_jobs(self, it: int, version: int, groups: int) -> list[EpisodeJob]:
+        """G jobs per group, each group from the simulator reset of a training seed (distinct within an iteration)."""
+        cfg = self.config
+        rng = np.random.default_rng([cfg.seed, it])
+        first, end = cfg.sim_seeds
+        n = cfg.groups_per_iteration
+        seeds = first + rng.choice(end - first, size=n, replace=n > end - first)  # the same picks however many run
+        jobs = []
+        for g, reset_seed in enumerate(seeds[:groups].tolist()):
+            jobs.extend(
+                self._group_jobs(it, version, g, self.task.instruction, f"sim:{self.task.name}@seed{reset_seed}",
+                                 start_frames=NO_FRAMES, environment="sim", task=self.task.name,
+                                 reset_seed=int(reset_seed), camera=cfg.sim_camera)
+            )  # fmt: skip
+        return jobs
+
+    def _group_jobs(
+        self, it: int, version: int, group: int, instruction: str, source: str, **start: Any
+    ) -> list[EpisodeJob]:
+        cfg = self.config
+        return [
+            EpisodeJob(
+                job_id=f"{self.run_id}/it{it:04d}/g{group:03d}/e{e:02d}",
+                run_id=self.run_id,
+                iteration=it,
+                group=group,
+                index=e,
+                policy_version=version,
+                instruction=instruction,
+                seed=episode_seed(cfg.seed, it, group, e),
+                horizon=cfg.horizon or self.task.max_steps,
+                temperature=cfg.temperature,
+                success_threshold=cfg.success_threshold,
+                record_frames=group * cfg.group_size + e < cfg.videos_per_iteration,
+                source=source,
+                **start,
+            )
+            for e in range(cfg.group_size)
+        ]
 
     def _gather(self, it: int, jobs: list[EpisodeJob]) -> list[EpisodeResult]:
         ids = [job.job_id for job in jobs]
         added = self.queue.enqueue_many([(job.job_id, job.to_bytes()) for job in jobs])
         if added < len(jobs):
             log.info("reusing finished episodes", iteration=it + 1, finished=len(jobs) - added)
-        bar = tqdm(total=len(ids), desc=f"iteration {it + 1}: imagined episodes", unit="ep", disable=not self.progress)
+        kind = "imagined" if self.config.environment == "dream" else "sim"
+        bar = tqdm(total=len(ids), desc=f"iteration {it + 1}: {kind} episodes", unit="ep", disable=not self.progress)
         last, last_change = 0, time.monotonic()
 
         def progress(done: int) -> None:
@@ -381,13 +482,14 @@ class Learner:
         kept: dict[int, list[EpisodeResult]],
         instruction_of: dict[int, str],
     ) -> UpdateStats:
-        observations, tokens, logprobs, advantages, instructions = [], [], [], [], []
+        observations, proprio, tokens, logprobs, advantages, instructions = [], [], [], [], [], []
         for group, results in kept.items():
             instruction = instruction_of[group]
             adv = group_advantages([r.reward for r in results], self.grpo.advantage_eps)
             for result, a in zip(results, adv, strict=True):
                 n = len(result.tokens)
                 observations.append(result.observations)
+                proprio.append(result.proprio)  # what the policy was sent with each chunk ([n, 0]: nothing)
                 tokens.append(result.tokens)
                 logprobs.append(result.logprobs)
                 advantages.append(np.full(n, a, np.float32))
@@ -398,6 +500,7 @@ class Learner:
             np.concatenate(tokens),
             np.concatenate(logprobs),
             np.concatenate(advantages),
+            proprio=np.concatenate(proprio).astype(np.float32),
         )
         total = self.grpo.optimizer_steps(len(samples))
         bar = tqdm(total=total, desc=f"iteration {it + 1}: GRPO update", unit="step", disable=not self.progress)
@@ -434,7 +537,8 @@ class Learner:
             "run_id": self.run_id,
             "iteration": str(it),
             "parent": str(state.policy_version),
-            "imagined_success_rate": f"{record['imagined_success_rate']:.4f}",
+            "environment": self.config.environment,
+            self._success_key: f"{record[self._success_key]:.4f}",
         }
         info = self.policies.publish(checkpoint, metadata=metadata)
         log.info("published policy version", version=info.version, parent=state.policy_version)
@@ -485,11 +589,23 @@ class Learner:
                 )
 
     def _align(self, state: RunState, spec: WorldModelSpec) -> dict[str, Any]:
+        """Align with `align_rollouts` real rollouts, or what is left of the real-episode budget (none: skip)."""
         from wmpo.trainer.alignment import align
 
+        cfg = self.config
+        rollouts = budget_groups(cfg.align_rollouts, 1, cfg.real_episode_budget, state.real_episodes)
+        if rollouts == 0:
+            log.warning("real-episode budget spent: no alignment", iteration=state.iteration,
+                        real_episodes=state.real_episodes, real_episode_budget=cfg.real_episode_budget)  # fmt: skip
+            return {"align_real_rollouts": 0}
+        if rollouts < cfg.align_rollouts:
+            log.info("alignment shrunk to the rest of the real-episode budget", rollouts=rollouts,
+                     real_episodes=state.real_episodes, real_episode_budget=cfg.real_episode_budget)  # fmt: skip
+        state.real_episodes += rollouts  # reserved before they run: a crash mid-alignment never uncounts them
+        state.write(self.state_file)
         out = align(
             self.settings,
-            self.config,
+            cfg.model_copy(update={"align_rollouts": rollouts}),
             self.run_dir,
             state.policy_version,
             state.iteration,
@@ -500,16 +616,20 @@ class Learner:
         state.write(self.state_file)
         return out
 
-    def _evaluate(self, version: int) -> dict[str, Any]:
+    def _evaluate(self, state: RunState, image_size: int) -> dict[str, Any]:
+        """Real evaluation on held-out seeds: measurement, counted as eval_episodes, not against the budget."""
         from wmpo.sim.evaluate import evaluate
 
-        source = policy_source(self.settings, version)
-        report = evaluate(self.task, source, self.config.eval_episodes, workers=self.config.sim_workers)
+        source = policy_source(self.settings, state.policy_version)
+        report = evaluate(self.task, source, self.config.eval_episodes, workers=self.config.sim_workers,
+                          image_size=image_size, camera=self.config.sim_camera)  # fmt: skip
+        state.eval_episodes += report.episodes
+        state.write(self.state_file)
         return {
             "real_success_rate": report.success_rate,
             "real_ci95_low": report.ci95_low,
             "real_ci95_high": report.ci95_high,
-            "real_episodes": report.episodes,
+            "eval_episodes": report.episodes,
         }
 
 

@@ -3,17 +3,26 @@
 RUN.yaml holds a `trainer:` section (where Redis, the services and the registry are — `TrainerSettings`)
 and a `run:` section (the algorithm — this class; defaults are the paper's, see DESIGN.md §3). Values can
 also come from env ``WMPO_RUN_*``.
+
+`environment` says where rollouts happen: ``dream`` (the world model imagines the frames, the reward model
+judges success; start states come from the dataset) or ``sim`` (the real simulator, its own success signal;
+start states are simulator resets at training seeds `sim_seeds`, below `EVAL_SEED_OFFSET`). ``sim`` is
+online GRPO, the paper's baseline, through the same queue, workers, policy server and update.
+
+Real episodes — `sim` rollouts and alignment rollouts — count against `real_episode_budget`; evaluation on
+held-out seeds is measurement, counted apart (`eval_episodes`), not against the budget.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from wmpo.common.config import ServiceSettings
+from wmpo.sim.tasks import EVAL_SEED_OFFSET
 
 
 class RunConfig(ServiceSettings):
@@ -23,14 +32,29 @@ class RunConfig(ServiceSettings):
     section: ClassVar[str] = "run"
 
     task: str = Field(default="reach", description="Task (instruction, horizon, simulator for alignment/eval).")
-    dataset: Path = Field(default=Path("wmpo-data/data"), description="Real trajectories: start states come from here.")
+    environment: Literal["dream", "sim"] = Field(
+        default="dream", description="Where episodes roll out: dream (world + reward model) or sim (the simulator)."
+    )
+    real_episode_budget: int | None = Field(
+        default=None, ge=0, description="Most real episodes (sim rollouts + alignment rollouts) the run may use."
+    )
+    sim_seeds: tuple[int, int] = Field(
+        default=(0, EVAL_SEED_OFFSET // 2),
+        description="sim: [first, end) of the training reset seeds groups start from.",
+    )
+    sim_camera: str = Field(default="corner", description="MetaWorld camera of sim episodes and evaluation.")
+    dataset: Path = Field(
+        default=Path("wmpo-data/data"), description="Real trajectories: dream start states come from here."
+    )
     policy: str = Field(default="latest", description="Policy version or alias the run starts from.")
     iterations: int = Field(default=10, ge=1, description="GRPO iterations (each publishes a policy version).")
     groups_per_iteration: int = Field(default=8, ge=1, description="Start states sampled per iteration.")
-    group_size: int = Field(default=8, ge=2, description="Imagined episodes per start state (G).")
-    horizon: int | None = Field(default=None, ge=1, description="Imagined frames per episode (default: task's).")
-    temperature: float = Field(default=1.6, gt=0, description="Sampling temperature of imagined rollouts.")
-    success_threshold: float = Field(default=0.96, gt=0, le=1, description="Reward-model probability of success.")
+    group_size: int = Field(default=8, ge=2, description="Episodes per start state (G).")
+    horizon: int | None = Field(default=None, ge=1, description="Steps per episode (default: the task's).")
+    temperature: float = Field(default=1.6, gt=0, description="Sampling temperature of the rollouts.")
+    success_threshold: float = Field(
+        default=0.96, gt=0, le=1, description="dream: reward-model probability of success."
+    )
     lr: float = Field(default=5e-6, gt=0, description="Learning rate of the GRPO update.")
     clip_low: float = Field(default=0.2, ge=0, lt=1, description="PPO clip ε_low.")
     clip_high: float = Field(default=0.28, ge=0, description="PPO clip ε_high.")
@@ -48,7 +72,7 @@ class RunConfig(ServiceSettings):
     eval_every: int = Field(default=0, ge=0, description="Real-simulator evaluation every N iterations (0: never).")
     eval_episodes: int = Field(default=20, ge=1, description="Episodes per evaluation (held-out seeds).")
     sim_workers: int = Field(default=1, ge=1, description="Simulator processes for alignment and evaluation.")
-    videos_per_iteration: int = Field(default=2, ge=0, description="Imagined episodes saved as GIFs per iteration.")
+    videos_per_iteration: int = Field(default=2, ge=0, description="Episodes saved as GIFs per iteration.")
     swap_timeout_s: float = Field(default=120.0, gt=0, description="Wait this long for a service to load a version.")
     seed: int = Field(default=0, ge=0, description="Seeds start-state sampling, episode seeds, minibatches.")
     device: str = Field(default="cpu", description="Learner device: cpu, cuda or cuda:N.")
@@ -57,4 +81,12 @@ class RunConfig(ServiceSettings):
     def _check(self) -> RunConfig:
         if self.keep_low > self.keep_high:
             raise ValueError(f"keep_low ({self.keep_low}) must not exceed keep_high ({self.keep_high})")
+        first, end = self.sim_seeds
+        if not 0 <= first < end <= EVAL_SEED_OFFSET:
+            raise ValueError(
+                f"sim_seeds [{first}, {end}) must be a non-empty range of training seeds in [0, {EVAL_SEED_OFFSET}) "
+                "(seeds from there on are held out for evaluation)"
+            )
+        if self.environment == "sim" and self.align_every:
+            raise ValueError("align_every: alignment fine-tunes the world model, which a sim run does not use")
         return self

@@ -28,7 +28,7 @@ class TrainerSettings(ServiceSettings):
     )
     queue_name: str = Field(default="episodes", description="Job queue name (Redis keys wmpo:queue:<name>:*).")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Worker/learner Prometheus port (0: off).")
-    episode_timeout_s: float = Field(default=600.0, gt=0, description="Longest one imagined episode may take.")
+    episode_timeout_s: float = Field(default=600.0, gt=0, description="Longest one episode may take.")
     worker_concurrency: int = Field(default=16, ge=1, description="Episodes one worker runs at once.")
     queue_max_len: int = Field(default=10_000, ge=1, description="Pending jobs before producers wait.")
     visibility_timeout_s: float = Field(

@@ -1,4 +1,9 @@
-"""Imagined-episode jobs and their results, as bytes on the job queue.
+"""Episode jobs and their results, as bytes on the job queue.
+
+A job's `environment` says where it rolls out: ``dream`` (from real start frames, imagined by the world model)
+or ``sim`` (from the simulator reset of `reset_seed`, a real episode). Results carry, per chunk, what the
+policy saw (the frame and the proprio it was sent; proprio [n_chunks, 0] when it was sent none) and the
+tokens and log-probs it answered; `real` marks an episode of the real simulator.
 
 A message is a small self-describing binary: a 4-byte little-endian header length, a JSON header (plain
 fields plus, for each array, its dtype, shape and byte offset) and the raw little-endian array bytes. No
@@ -57,9 +62,14 @@ def unpack(message: bytes) -> tuple[dict[str, Any], dict[str, Array]]:
         raise MessageError(f"malformed message: {exc}") from exc
 
 
+ENVIRONMENTS = ("dream", "sim")
+NO_FRAMES = np.zeros((0, 0, 0, 3), np.uint8)
+"""`start_frames` of a sim job: its start state is the simulator reset of `reset_seed`."""
+
+
 @dataclass
 class EpisodeJob:
-    """One imagined episode to roll out: a start state, the pinned policy version, sampling and horizon."""
+    """One episode to roll out: a start state, the pinned policy version, sampling and horizon."""
 
     job_id: str
     run_id: str
@@ -68,13 +78,17 @@ class EpisodeJob:
     index: int  # the episode's index within its group
     policy_version: int  # pinned: every Act of the episode is answered by this version
     instruction: str
-    start_frames: Array  # uint8 [K, H, W, C] real frames, the last one is the first observation
-    seed: int
-    horizon: int  # frames
+    start_frames: Array  # dream: uint8 [K, H, W, C] real frames, the last one is the first observation
+    seed: int  # the episode's sampling seed (chunk i samples with `step_seed(seed, i)`)
+    horizon: int  # frames (dream) or simulator steps (sim)
     temperature: float = 1.6
-    success_threshold: float = 0.96
-    record_frames: bool = False  # return every imagined frame (for videos)
-    source: str = ""  # where the start state came from, e.g. "episode-000012@16"
+    success_threshold: float = 0.96  # dream: the reward model's success probability
+    record_frames: bool = False  # return every frame (for videos)
+    source: str = ""  # where the start state came from, e.g. "episode-000012@16" or "sim:reach@seed42"
+    environment: str = "dream"  # "dream" or "sim"
+    task: str = ""  # sim: the task whose simulator runs the episode
+    reset_seed: int | None = None  # sim: the start state is `MetaWorldEnv(task).reset(reset_seed)`
+    camera: str = "corner"  # sim: the MetaWorld camera rendered (at the policy's image size)
 
     def to_bytes(self) -> bytes:
         fields = {k: v for k, v in asdict(self).items() if k != "start_frames"}
@@ -91,24 +105,30 @@ class EpisodeJob:
 
 @dataclass
 class EpisodeResult:
-    """A finished imagined episode: per chunk the observation the policy saw, its tokens and log-probs."""
+    """A finished episode: per chunk the observation the policy saw (frame and proprio), its tokens and log-probs."""
 
     job_id: str
     group: int
     index: int
     policy_version: int
-    world_model_version: int
+    world_model_version: int  # 0 for sim episodes
     success: bool
-    length: int  # imagined frames
+    length: int  # imagined frames (dream) or simulator steps (sim)
     observations: Array  # uint8 [n_chunks, H, W, C]: the frame each chunk was sampled from
     tokens: Array  # int32 [n_chunks, T, A]
     logprobs: Array  # float32 [n_chunks, T, A], under the sampling temperature
-    success_probs: Array  # float32 [length]
-    frames: Array | None = None  # uint8 [length, H, W, C] when the job asked for them
+    success_probs: Array  # float32 [length]: the reward model's (dream) or the simulator's 0/1 (sim) per frame
+    frames: Array | None = None  # uint8 [length + 1, H, W, C] when the job asked for them
     worker: str = ""
     attempt: int = 1  # the queue delivery that produced it (> 1: the job was retried or reclaimed)
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    proprio: Array = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # float32 [n_chunks, P], P may be 0
+    real: bool = False  # an episode of the real simulator (counts against a run's real-episode budget)
+
+    def __post_init__(self) -> None:
+        if self.proprio.size == 0 and len(self.proprio) != len(self.observations):
+            self.proprio = np.zeros((len(self.observations), 0), np.float32)  # the policy was sent no proprio
 
     @property
     def reward(self) -> float:
@@ -120,6 +140,7 @@ class EpisodeResult:
             "tokens": np.asarray(self.tokens, np.int32),
             "logprobs": np.asarray(self.logprobs, np.float32),
             "success_probs": np.asarray(self.success_probs, np.float32),
+            "proprio": np.asarray(self.proprio, np.float32),
         }
         if self.frames is not None:
             arrays["frames"] = np.asarray(self.frames, np.uint8)

@@ -1,4 +1,9 @@
-"""The rollout-worker process: connect, check the services, run until SIGTERM, exit cleanly."""
+"""The rollout-worker process: connect, check the services, run until SIGTERM, exit cleanly.
+
+The world model (Triton) is needed only for dream jobs: the worker asks for its spec once at start; when it
+does not answer, the worker still starts (sim jobs need only Redis and the policy service), says so, and
+asks again at the next dream job, which fails (and is retried elsewhere) while Triton stays unreachable.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ import os
 import signal
 import socket
 
-from wmpo.common.errors import UserError
 from wmpo.common.logs import get_logger
 from wmpo.common.metrics import serve_metrics
 from wmpo.robot import AsyncPolicyClient
@@ -19,6 +23,7 @@ from wmpo.worldmodel.serving.client import AsyncWorldModelClient
 
 log = get_logger(__name__)
 QUEUE_METRICS_EVERY_S = 5.0
+WORLD_MODEL_PROBE_S = 10.0
 
 
 async def _export_queue_metrics(queue: JobQueue) -> None:
@@ -44,9 +49,15 @@ async def _main(settings: TrainerSettings, name: str, max_jobs: int | None) -> W
     )
     try:
         try:
-            await asyncio.wait_for(worker.spec(), 60)  # fail fast, and cache it for the episodes
+            await asyncio.wait_for(worker.spec(), WORLD_MODEL_PROBE_S)  # cached for the dream episodes
+            dream_status = settings.dream_address
         except Exception as exc:
-            raise UserError(f"the world model at {settings.dream_address} is not reachable: {exc}") from exc
+            dream_status = "unreachable"
+            log.warning(
+                "the world model is not reachable: this worker runs sim episodes; dream episodes fail until it is",
+                dream=settings.dream_address,
+                error=str(exc) or type(exc).__name__,
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -64,7 +75,7 @@ async def _main(settings: TrainerSettings, name: str, max_jobs: int | None) -> W
             name=name,
             redis=settings.redis_url,
             policy=settings.policy_address,
-            dream=settings.dream_address,
+            dream=dream_status,
             concurrency=settings.worker_concurrency,
         )
         try:
