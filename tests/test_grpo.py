@@ -117,6 +117,36 @@ def test_the_update_feeds_the_proprio_the_rollouts_were_sampled_with(tmp_path: P
         first_ratio(np.zeros((n, 0), np.float32))
 
 
+def test_a_kl_target_stops_the_update_before_the_policy_moves_too_far(tmp_path: Path) -> None:
+    bundle = load_policy(make_checkpoint(tmp_path / "p", proprio_dim=0, image_size=32))
+    rng = np.random.default_rng(0)
+    n = 8
+    observations = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+    inputs = bundle.prepare([{"main": o} for o in observations], [np.zeros(0, np.float32)] * n, ["reach the goal"] * n)
+    acted = bundle.act(inputs, [1.0] * n, list(range(n)))
+    samples = Samples(observations, ["reach the goal"] * n, acted.tokens, acted.logprobs,
+                      np.array([1, -1] * (n // 2), np.float32), proprio=np.zeros((n, 0), np.float32))  # fmt: skip
+    state = {k: v.clone() for k, v in bundle.model.state_dict().items()}
+
+    def run(target_kl: float | None) -> tuple[int, bool, float]:
+        bundle.model.load_state_dict(state)
+        optimizer = torch.optim.AdamW(bundle.model.parameters(), lr=3e-3, weight_decay=0.0)
+        config = GRPOConfig.from_run(
+            RunConfig.load(None, minibatch_size=2, epochs=4, temperature=1.0, target_kl=target_kl)
+        )
+        stats = grpo_update(bundle, optimizer, samples, config, np.random.default_rng(0))
+        with torch.no_grad():
+            after = bundle.logprobs(inputs, torch.from_numpy(np.asarray(acted.tokens, np.int64)), 1.0)
+        drift = float((torch.from_numpy(acted.logprobs) - after.detach().cpu()).abs().max())
+        return stats.optimizer_steps, stats.stopped_early, drift
+
+    full_steps, full_stopped, full_drift = run(None)
+    steps, stopped, drift = run(1e-4)
+    assert (full_steps, full_stopped) == (16, False)  # 4 epochs x 4 minibatches
+    assert stopped and 1 <= steps < full_steps  # the target ended it early
+    assert drift < full_drift
+
+
 def test_grpo_config_is_the_run_configs_grpo_part() -> None:
     run = RunConfig.load(None, lr=1e-4, clip_high=0.3, epochs=3, minibatch_size=16, keep_low=0.2, temperature=1.2)
     config = GRPOConfig.from_run(run)

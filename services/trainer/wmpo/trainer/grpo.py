@@ -45,6 +45,7 @@ class GRPOConfig:
     temperature: float  # the sampling temperature: log-probs are computed under it
     keep_low: float  # dynamic sampling band: kept groups' success rates lie in [keep_low, keep_high]
     keep_high: float
+    target_kl: float | None  # stop an iteration's update once approx-KL to θ_old passes 1.5× this (None: never)
     advantage_eps: float = ADVANTAGE_EPS  # not a run setting
 
     @classmethod
@@ -122,6 +123,7 @@ class UpdateStats:
     optimizer_steps: int
     samples: int  # chunks trained on
     first_max_abs_log_ratio: float  # at the first minibatch, before any step: 0 up to float noise
+    stopped_early: bool = False  # the KL target ended the update before its planned steps
 
 
 def grpo_update(
@@ -132,7 +134,11 @@ def grpo_update(
     rng: np.random.Generator,
     on_step: Callable[[int, int], None] | None = None,
 ) -> UpdateStats:
-    """`epochs` passes of shuffled minibatches over `samples`, one optimizer step each."""
+    """`epochs` passes of shuffled minibatches over `samples`, one optimizer step each.
+
+    With `config.target_kl`, the update stops at the first minibatch whose approx-KL to θ_old (measured before
+    its step) exceeds 1.5 × the target, so one iteration cannot move the policy arbitrarily far (PPO's early
+    stopping); that minibatch takes no step."""
     if len(samples) == 0:
         raise ValueError("no samples to train on")
     if samples.proprio.shape != (len(samples), bundle.proprio_dim):
@@ -145,8 +151,11 @@ def grpo_update(
     total, done = config.optimizer_steps(len(samples)), 0
     sums = {"loss": 0.0, "clip": 0.0, "kl": 0.0, "entropy": 0.0, "grad": 0.0}
     first = float("nan")
+    stopped = False
     bundle.model.train()
     for _epoch in range(config.epochs):
+        if stopped:
+            break
         order = rng.permutation(len(samples))
         for start in range(0, len(order), config.minibatch_size):
             rows = order[start : start + config.minibatch_size]
@@ -168,6 +177,9 @@ def grpo_update(
             )
             if done == 0:
                 first = stats.max_abs_log_ratio
+            elif config.target_kl is not None and stats.approx_kl > 1.5 * config.target_kl:
+                stopped = True
+                break
             loss = stats.loss - config.entropy_coef * entropy
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,4 +203,5 @@ def grpo_update(
         optimizer_steps=done,
         samples=len(samples),
         first_max_abs_log_ratio=first,
+        stopped_early=stopped,
     )

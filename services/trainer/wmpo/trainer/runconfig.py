@@ -62,6 +62,11 @@ class RunConfig(ServiceSettings):
     minibatch_size: int = Field(default=128, ge=1, description="Chunks per optimizer step.")
     entropy_coef: float = Field(default=0.0, ge=0, description="Entropy bonus weight (paper: 0).")
     grad_clip: float = Field(default=1.0, gt=0, description="Gradient-norm clip.")
+    target_kl: float | None = Field(
+        default=None,
+        gt=0,
+        description="Stop an update once approx-KL to the rollout policy passes 1.5x this.",
+    )
     keep_low: float = Field(default=0.1, ge=0, le=1, description="Dynamic sampling: lowest group success rate kept.")
     keep_high: float = Field(default=0.9, ge=0, le=1, description="Dynamic sampling: highest group success rate kept.")
     align_every: int = Field(default=0, ge=0, description="Policy-behaviour alignment every M iterations (0: never).")
