@@ -183,7 +183,7 @@ def test_python_api_context_manager_stale_state_and_refusal(tmp_path: Path) -> N
 
 
 def test_unknown_services_and_missing_needs_are_one_line_errors(tmp_path: Path) -> None:
-    for services, message in (("redis,foo", "unknown service(s) foo"), ("worker", "worker needs redis, dream, policy")):
+    for services, message in (("redis,foo", "unknown service(s) foo"), ("worker", "worker needs redis, policy")):
         result = _wmpo("stack", "up", "--dir", str(tmp_path), "--services", services)
         assert result.returncode == 2 and message in result.stderr.strip().splitlines()[-1]
 

@@ -134,8 +134,9 @@ class StackPlan:
     def _worker(self, i: int, at: Addresses, env: dict[str, str], sections: set[str], redis: list[str]) -> ServiceSpec:
         s = self.settings
         metrics = at.ports[f"worker_{i}_metrics_port"]
+        dream = ["--dream", at.dream_address] if "dream" in self.names else []
         cmd = [*_wmpo(s, "trainer", "worker"), *redis, "--policy", at.policy_address,
-               "--dream", at.dream_address, "--concurrency", str(s.worker_concurrency),
+               *dream, "--concurrency", str(s.worker_concurrency),
                "--metrics-port", str(metrics), "--name", f"worker-{i}",
                *self._config_args(sections, "trainer")]  # fmt: skip
         url = f"http://{s.host}:{metrics}/metrics"

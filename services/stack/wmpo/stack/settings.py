@@ -17,7 +17,8 @@ SERVICES = ("redis", "dream", "policy", "worker", "api")
 """Every service of a full stack, in start order (``worker`` stands for all rollout workers)."""
 TIERS = {"redis": 0, "dream": 1, "policy": 1, "worker": 2, "api": 3}
 """Start tier of each service: a tier starts once every service of the tiers before it is healthy."""
-NEEDS = {"worker": ("redis", "dream", "policy"), "api": ("redis",)}
+NEEDS = {"worker": ("redis", "policy"), "api": ("redis",)}
+"""What each service cannot run without (workers need `dream` only for dream runs: sim runs use the simulator)."""
 """Services that cannot start without others in the same stack."""
 ALIASES = {"workers": "worker", "triton": "dream", "trainer-api": "api"}
 """Other names accepted for a service (``--services``, ``wmpo stack logs``)."""
