@@ -25,14 +25,15 @@ PACKAGES = {
 }
 # Which wmpo packages each package may import (wmpo.v1, the generated API, is allowed everywhere).
 # common imports no other wmpo package; stack only common (it runs the others as processes); the trainer
-# neither stack nor demo; nothing imports demo.
+# neither stack nor demo; nothing imports demo. worldmodel may import sim (below it in DESIGN.md §2): the
+# Imagination API starts sessions from simulator resets and audits them, importing wmpo.sim lazily.
 ALLOWED = {
     "common": {"common"},
     "data": {"common", "data"},
     "sim": {"common", "data", "sim", "robot"},
     "robot": {"common", "robot"},
     "policy": {"common", "data", "policy", "robot"},
-    "worldmodel": {"common", "data", "worldmodel"},
+    "worldmodel": {"common", "data", "sim", "worldmodel"},
     "trainer": {"common", "data", "sim", "trainer", "policy", "worldmodel", "robot"},
     "stack": {"common", "stack"},
     "demo": {"common", "data", "sim", "robot", "policy", "worldmodel", "trainer", "stack", "demo"},

@@ -36,9 +36,12 @@ from wmpo.policy.serving.server import PolicyServer
 from wmpo.robot import AsyncPolicyClient
 from wmpo.robot.client import PolicyClient
 from wmpo.sim.env import MetaWorldEnv
+from wmpo.sim.replay import replay_actions
 from wmpo.sim.rollout import run_many
 from wmpo.sim.sources import SourceSpec
 from wmpo.sim.tasks import EVAL_SEED_OFFSET, get_task
+from wmpo.trainer.control.dashboard import render_run
+from wmpo.trainer.control.runs import RunStore
 from wmpo.trainer.grpo import GRPOConfig, Samples, grpo_update
 from wmpo.trainer.learner import budget_groups
 from wmpo.trainer.rollout.episodes import NO_FRAMES, EpisodeJob, EpisodeResult
@@ -49,7 +52,7 @@ from wmpo.worldmodel.checkpoint import save_world_model
 from wmpo.worldmodel.model import make_world_model
 from wmpo.worldmodel.reward.checkpoint import save_reward_model
 from wmpo.worldmodel.reward.model import RewardModel
-from wmpo.worldmodel.serving.client import WorldModelClient
+from wmpo.worldmodel.serving.client import AsyncWorldModelClient, WorldModelClient
 from wmpo.worldmodel.serving.triton import serve_models
 
 SIZE = 32
@@ -295,6 +298,84 @@ def test_a_redis_restart_loses_no_episode(services: Services, tmp_path: Path) ->
     assert "cannot reach the job queue; retrying" in log
 
 
+# ------------------------------------------------------------------------------------ the imagination audit
+
+
+def test_an_audited_dream_episode_carries_the_real_replay_of_its_executed_actions(services: Services) -> None:
+    """A dream episode from a simulator reset, audited: its real frames and per-step success are exactly
+    `replay_actions` of the actions the policy took (the horizon-cut last chunk's kept ones only) from its seed."""
+    reset_seed = 42
+    with MetaWorldEnv("reach", image_size=SIZE) as env:
+        start = env.reset(reset_seed).image
+    job = EpisodeJob("audit/it0000/g000/e00", "audit", 0, 0, 0, 1, get_task("reach").instruction, start[None], seed=5,
+                     horizon=12, success_threshold=1.0, task="reach", reset_seed=reset_seed, audit=True)  # fmt: skip
+    queue = JobQueue(services.redis_url, "audit-worker")
+    queue.purge()
+    queue.enqueue(job.job_id, job.to_bytes())
+
+    async def work() -> None:
+        world_model = AsyncWorldModelClient(f"127.0.0.1:{services.triton.grpc}")
+        try:
+            async with AsyncPolicyClient(services.policy_address, POLICY_OPTIONS) as policy:
+                worker = RolloutWorker(queue, policy, world_model, name="audit-w", concurrency=1)
+                stats = await worker.run(max_jobs=1)
+        finally:
+            await world_model.close()
+        assert stats.completed == 1 and stats.failed == 0, stats
+
+    asyncio.run(work())
+    result = EpisodeResult.from_bytes(queue.results([job.job_id])[job.job_id])
+    queue.purge()
+    assert result.audited and result.real and result.length == 12 and not result.success  # 8 + 4 frames
+    with PolicyClient(services.policy_address) as client:
+        camera = client.camera(1)
+        chunks = [
+            client.act({camera: obs}, job.instruction, version=1, temperature=job.temperature,
+                       seed=step_seed(job.seed, i)).actions
+            for i, obs in enumerate(result.observations)
+        ]  # fmt: skip
+    replay = replay_actions("reach", reset_seed, np.concatenate(chunks)[: result.length], image_size=SIZE)
+    assert result.real_frames is not None and result.frames is not None
+    np.testing.assert_array_equal(result.real_frames, replay.frames)
+    np.testing.assert_array_equal(result.real_step_success, replay.success)
+    assert result.real_success == replay.solved
+    assert result.frames.shape == result.real_frames.shape == (13, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(result.frames[0], replay.frames[0])  # imagination began at the real reset frame
+
+
+def test_a_dream_run_from_sim_starts_audits_episodes_within_the_real_episode_budget(
+    services: Services, tmp_path: Path
+) -> None:
+    """`wmpo train` with start_states sim and audit_fraction 0.5 of 2 groups x 2: 2 audits in iteration 1, then only
+    the 1 the budget of 3 leaves; audited episodes are counted as real, and the audit metrics are in each record."""
+    config = run_config(services, tmp_path, queue="audit", name="run-audit", policy="1", start_states="sim",
+                        audit_fraction=0.5, real_episode_budget=3, group_size=2, horizon=12)  # fmt: skip
+    worker = spawn_worker(services, "w-audit", "audit")
+    try:
+        done = subprocess.run([*WMPO, "train", "--config", str(config), "--no-progress"], check=False,
+                              capture_output=True, text=True, timeout=420)  # fmt: skip
+    finally:
+        worker_log = stop(worker)
+    assert done.returncode == 0, done.stdout + done.stderr + worker_log
+    assert "finished after 2/2 iterations" in done.stdout
+    assert "(8 imagined episodes, 3 real episodes of a budget of 3)" in done.stdout
+    assert "fewer audits this iteration" in done.stdout + done.stderr
+
+    run_dir = tmp_path / "runs" / "run-audit"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    counts = [(r["audit_planned"], r["audit_audited"], r["real_episodes"], r["real_episodes_total"]) for r in records]
+    assert counts == [(2, 2, 2, 2), (1, 1, 1, 3)]
+    for r in records:
+        assert r["environment"] == "dream" and r["episodes"] == 4 and r["lost_episodes"] == 0
+        assert 0 <= r["audit_agreement"] <= 1 and r["audit_hallucinated_successes"] >= 0
+        assert r["audit_psnr_h1"] > 0 and r["audit_copy_psnr_h8"] > 0 and "audit_reward_recall" in r
+    assert json.loads((run_dir / "state.json").read_text())["real_episodes"] == 3
+    published = [v for v in Registry(services.registry, "policy").list() if v.metadata.get("run_id") == "run-audit"]
+    assert len(published) == 2
+    page = render_run(RunStore(tmp_path / "runs").get("run-audit"), records, [])
+    assert "Imagination audit" in page and "imagined vs real success" in page and "PSNR (dB) 8 steps ahead" in page
+
+
 # ------------------------------------------------------------------------------------ online GRPO in the simulator
 
 SIM_POLICY = 1  # version 1 of the sim registry: a policy that takes proprio
@@ -505,6 +586,11 @@ def test_run_config_environment_budget_and_training_seeds() -> None:
         RunConfig.load(None, sim_seeds=(0, EVAL_SEED_OFFSET + 1))
     with pytest.raises(ConfigError, match="alignment fine-tunes the world model"):
         RunConfig.load(None, environment="sim", align_every=1)
+    # audits replay imagined episodes from their simulator start state: dream from sim starts only
+    assert RunConfig.load(None, start_states="sim", audit_fraction=0.25).audit_fraction == 0.25
+    for refused in ({"audit_fraction": 0.25}, {"environment": "sim", "start_states": "sim", "audit_fraction": 0.5}):
+        with pytest.raises(ConfigError, match="audit_fraction: only imagined episodes that start from a simulator"):
+            RunConfig.load(None, **refused)
     # whole groups within what is left of the budget; no budget: all groups
     assert budget_groups(8, 8, None, 10**9) == 8
     assert [budget_groups(2, 2, 6, used) for used in (0, 4, 5, 6, 7)] == [2, 1, 0, 0, 0]

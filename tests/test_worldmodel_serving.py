@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -112,17 +114,30 @@ def _triton_counts(ports: TritonPorts) -> tuple[int, int]:
     return values.get("nv_inference_count", 0), values.get("nv_inference_exec_count", 0)
 
 
+@contextlib.contextmanager
+def _imagination_api(
+    served: tuple[TritonPorts, ServedModels, Path],
+    redis_url: str,
+    grpc_server: Callable[..., GrpcServer],
+    limits: SessionLimits,
+) -> Iterator[imagination_pb2_grpc.ImaginationStub]:
+    ports, _models, _root = served
+    servicer = ImaginationServicer(WorldModelClient(ports.grpc_url), redis_url, limits)
+    server = grpc_server([lambda s: imagination_pb2_grpc.add_ImaginationServicer_to_server(servicer, s)])
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            yield imagination_pb2_grpc.ImaginationStub(channel)
+    finally:
+        server.stop(grace=0.5)
+        servicer.close()
+
+
 @pytest.fixture
 def imagination(
     served: tuple[TritonPorts, ServedModels, Path], redis_url: str, grpc_server: Callable[..., GrpcServer]
 ) -> Iterator[imagination_pb2_grpc.ImaginationStub]:
-    ports, _models, _root = served
-    servicer = ImaginationServicer(
-        WorldModelClient(ports.grpc_url), redis_url, SessionLimits(ttl_s=2, default_horizon=12)
-    )
-    server = grpc_server([lambda s: imagination_pb2_grpc.add_ImaginationServicer_to_server(servicer, s)])
-    with grpc.insecure_channel(server.address) as channel:
-        yield imagination_pb2_grpc.ImaginationStub(channel)
+    with _imagination_api(served, redis_url, grpc_server, SessionLimits(ttl_s=2, default_horizon=12)) as stub:
+        yield stub
 
 
 def _reset(stub: imagination_pb2_grpc.ImaginationStub, frames: int = 1, **kw: Any) -> imagination_pb2.ResetResponse:
@@ -287,3 +302,66 @@ def test_reset_from_a_dataset_start_state(
             with pytest.raises(grpc.RpcError) as info:
                 stub.Reset(imagination_pb2.ResetRequest(instruction="reach", dataset=bad), timeout=30)
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.triton
+@pytest.mark.redis
+def test_a_session_from_a_simulator_reset_is_audited_in_the_real_simulator(
+    served: tuple[TritonPorts, ServedModels, Path],
+    redis_url: str,
+    grpc_server: Callable[..., GrpcServer],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Reset from a sim seed, step past the horizon, Audit: the real frames and success are `replay_actions` of the
+    executed actions (the horizon-cut chunk's kept ones only) from the same seed; bad starts are refused."""
+    with _imagination_api(served, redis_url, grpc_server, SessionLimits(default_horizon=12)) as imagination:
+        _audit_a_sim_session(imagination, monkeypatch)
+
+
+def _audit_a_sim_session(imagination: imagination_pb2_grpc.ImaginationStub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wmpo.sim.replay import replay_actions
+    from wmpo.sim.tasks import EVAL_SEED_OFFSET, get_task
+    from wmpo.worldmodel.metrics import psnr
+
+    start = imagination_pb2.SimStart(task="reach", seed=7)
+    started = imagination.Reset(imagination_pb2.ResetRequest(sim=start, seed=3, success_threshold=1.0), timeout=60)
+    assert started.instruction == get_task("reach").instruction and started.horizon == 12
+    chunks = [np.random.default_rng(i).uniform(-1, 1, (8, 4)).astype(np.float32) for i in range(2)]
+    steps = [_step(imagination, started.session_id, chunk) for chunk in chunks]
+    assert steps[1].done and steps[1].truncated and from_proto(steps[1].frames).shape[0] == 4  # 8 + 4 = horizon
+    request = imagination_pb2.AuditRequest(session_id=started.session_id, return_frames=True)
+    audit = imagination.Audit(request, timeout=120)
+    replay = replay_actions("reach", 7, np.concatenate(chunks)[:12], image_size=SIZE)
+    np.testing.assert_array_equal(from_proto(started.frame), replay.frames[0])  # imagination began at the reset
+    np.testing.assert_array_equal(from_proto(audit.real_frames), replay.frames)
+    np.testing.assert_array_equal(from_proto(audit.real_step_success), replay.success)
+    assert (audit.start.task, audit.start.seed, audit.actions, audit.done) == ("reach", 7, 12, True)
+    assert not audit.imagined_success and audit.real_success == replay.solved and audit.agree == (not replay.solved)
+    assert audit.HasField("first_real_success") == replay.solved
+    probs = np.concatenate([from_proto(step.success_probs) for step in steps])
+    np.testing.assert_array_equal(from_proto(audit.success_probs), probs)
+    assert [f.horizon for f in audit.fidelity] == [1, 8]
+    imagined = np.concatenate([from_proto(step.frames) for step in steps])
+    assert audit.fidelity[0].psnr == pytest.approx(psnr(imagined[0], replay.frames[1]), rel=1e-5)
+    assert audit.fidelity[1].copy_psnr == pytest.approx(psnr(replay.frames[0], replay.frames[8]), rel=1e-5)
+    assert not imagination.Audit(imagination_pb2.AuditRequest(session_id=started.session_id)).HasField("real_frames")
+
+    for task, seed, message in [("fly", 1, "unknown task 'fly'"), ("reach", EVAL_SEED_OFFSET, "held out")]:
+        with pytest.raises(grpc.RpcError) as info:
+            sim = imagination_pb2.SimStart(task=task, seed=seed)
+            imagination.Reset(imagination_pb2.ResetRequest(sim=sim), timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in (info.value.details() or "")
+    for session, code in [(_reset(imagination).session_id, grpc.StatusCode.FAILED_PRECONDITION),
+                          ("nope", grpc.StatusCode.NOT_FOUND)]:  # fmt: skip
+        with pytest.raises(grpc.RpcError) as info:
+            imagination.Audit(imagination_pb2.AuditRequest(session_id=session), timeout=30)
+        assert info.value.code() == code
+
+    monkeypatch.setitem(sys.modules, "metaworld", None)  # a world-model server without the simulator
+    for call in (lambda: imagination.Audit(imagination_pb2.AuditRequest(session_id=started.session_id), timeout=30),
+                 lambda: imagination.Reset(imagination_pb2.ResetRequest(sim=imagination_pb2.SimStart(task="push")),
+                                           timeout=30)):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "has no simulator" in (info.value.details() or "")

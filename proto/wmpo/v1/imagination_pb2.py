@@ -26,7 +26,7 @@ from wmpo.v1 import common_pb2 as wmpo_dot_v1_dot_common__pb2
 from wmpo.v1 import tensor_pb2 as wmpo_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19wmpo/v1/imagination.proto\x12\x07wmpo.v1\x1a\x14wmpo/v1/common.proto\x1a\x14wmpo/v1/tensor.proto\"0\n\x0c\x44\x61tasetStart\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\"\xdc\x01\n\x0cResetRequest\x12!\n\x06\x66rames\x18\x01 \x01(\x0b\x32\x0f.wmpo.v1.TensorH\x00\x12(\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.wmpo.v1.DatasetStartH\x00\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x0f\n\x07horizon\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x1e\n\x11success_threshold\x18\x06 \x01(\x02H\x02\x88\x01\x01\x42\x07\n\x05startB\x07\n\x05_seedB\x14\n\x12_success_threshold\"\xa4\x01\n\rResetResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.wmpo.v1.Tensor\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x0f\n\x07horizon\x18\x04 \x01(\r\x12\x1b\n\x13world_model_version\x18\x05 \x01(\t\x12\x1c\n\x14reward_model_version\x18\x06 \x01(\t\"C\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x07\x61\x63tions\x18\x02 \x01(\x0b\x32\x0f.wmpo.v1.Tensor\"\xce\x01\n\x0cStepResponse\x12\x1f\n\x06\x66rames\x18\x01 \x01(\x0b\x32\x0f.wmpo.v1.Tensor\x12&\n\rsuccess_probs\x18\x02 \x01(\x0b\x32\x0f.wmpo.v1.Tensor\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x0f\n\x07success\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x16\n\x0e\x65lapsed_frames\x18\x07 \x01(\r\x12\x1b\n\x04info\x18\x08 \x01(\x0b\x32\r.wmpo.v1.Info\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\rCloseResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"\x1a\n\x18GetWorldModelInfoRequest\"\x9e\x02\n\x0eWorldModelInfo\x12\x1b\n\x13world_model_version\x18\x01 \x01(\t\x12\x1c\n\x14reward_model_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_frames\x18\x03 \x01(\r\x12\x17\n\x0f\x66rames_per_step\x18\x04 \x01(\r\x12\x14\n\x0cimage_height\x18\x05 \x01(\r\x12\x13\n\x0bimage_width\x18\x06 \x01(\r\x12\x16\n\x0eimage_channels\x18\x07 \x01(\r\x12\x12\n\naction_dim\x18\x08 \x01(\r\x12\x17\n\x0f\x64\x65\x66\x61ult_horizon\x18\t \x01(\r\x12\x19\n\x11success_threshold\x18\n \x01(\x02\x12\x15\n\rsampler_steps\x18\x0b \x01(\r2\x83\x02\n\x0bImagination\x12\x36\n\x05Reset\x12\x15.wmpo.v1.ResetRequest\x1a\x16.wmpo.v1.ResetResponse\x12\x33\n\x04Step\x12\x14.wmpo.v1.StepRequest\x1a\x15.wmpo.v1.StepResponse\x12\x36\n\x05\x43lose\x12\x15.wmpo.v1.CloseRequest\x1a\x16.wmpo.v1.CloseResponse\x12O\n\x11GetWorldModelInfo\x12!.wmpo.v1.GetWorldModelInfoRequest\x1a\x17.wmpo.v1.WorldModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19wmpo/v1/imagination.proto\x12\x07wmpo.v1\x1a\x14wmpo/v1/common.proto\x1a\x14wmpo/v1/tensor.proto\"0\n\x0c\x44\x61tasetStart\x12\x12\n\nepisode_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\r\"&\n\x08SimStart\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0c\n\x04seed\x18\x02 \x01(\x04\"\xfe\x01\n\x0cResetRequest\x12!\n\x06\x66rames\x18\x01 \x01(\x0b\x32\x0f.wmpo.v1.TensorH\x00\x12(\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x15.wmpo.v1.DatasetStartH\x00\x12 \n\x03sim\x18\x07 \x01(\x0b\x32\x11.wmpo.v1.SimStartH\x00\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x0f\n\x07horizon\x18\x04 \x01(\r\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x12\x1e\n\x11success_threshold\x18\x06 \x01(\x02H\x02\x88\x01\x01\x42\x07\n\x05startB\x07\n\x05_seedB\x14\n\x12_success_threshold\"\xa4\x01\n\rResetResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1e\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x0f.wmpo.v1.Tensor\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\x0f\n\x07horizon\x18\x04 \x01(\r\x12\x1b\n\x13world_model_version\x18\x05 \x01(\t\x12\x1c\n\x14reward_model_version\x18\x06 \x01(\t\"C\n\x0bStepRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x07\x61\x63tions\x18\x02 \x01(\x0b\x32\x0f.wmpo.v1.Tensor\"\xce\x01\n\x0cStepResponse\x12\x1f\n\x06\x66rames\x18\x01 \x01(\x0b\x32\x0f.wmpo.v1.Tensor\x12&\n\rsuccess_probs\x18\x02 \x01(\x0b\x32\x0f.wmpo.v1.Tensor\x12\x0e\n\x06reward\x18\x03 \x01(\x02\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x0f\n\x07success\x18\x05 \x01(\x08\x12\x11\n\ttruncated\x18\x06 \x01(\x08\x12\x16\n\x0e\x65lapsed_frames\x18\x07 \x01(\r\x12\x1b\n\x04info\x18\x08 \x01(\x0b\x32\r.wmpo.v1.Info\"\"\n\x0c\x43loseRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\" \n\rCloseResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"9\n\x0c\x41uditRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x15\n\rreturn_frames\x18\x02 \x01(\x08\"d\n\x0fHorizonFidelity\x12\x0f\n\x07horizon\x18\x01 \x01(\r\x12\x0c\n\x04psnr\x18\x02 \x01(\x02\x12\x0c\n\x04ssim\x18\x03 \x01(\x02\x12\x11\n\tcopy_psnr\x18\x04 \x01(\x02\x12\x11\n\tcopy_ssim\x18\x05 \x01(\x02\"\x81\x03\n\rAuditResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12 \n\x05start\x18\x02 \x01(\x0b\x32\x11.wmpo.v1.SimStart\x12\x0f\n\x07\x61\x63tions\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\x08\x12\x18\n\x10imagined_success\x18\x05 \x01(\x08\x12\x14\n\x0creal_success\x18\x06 \x01(\x08\x12\r\n\x05\x61gree\x18\x07 \x01(\x08\x12\x1f\n\x12\x66irst_real_success\x18\x08 \x01(\rH\x00\x88\x01\x01\x12*\n\x11real_step_success\x18\t \x01(\x0b\x32\x0f.wmpo.v1.Tensor\x12&\n\rsuccess_probs\x18\n \x01(\x0b\x32\x0f.wmpo.v1.Tensor\x12*\n\x08\x66idelity\x18\x0b \x03(\x0b\x32\x18.wmpo.v1.HorizonFidelity\x12$\n\x0breal_frames\x18\x0c \x01(\x0b\x32\x0f.wmpo.v1.TensorB\x15\n\x13_first_real_success\"\x1a\n\x18GetWorldModelInfoRequest\"\x9e\x02\n\x0eWorldModelInfo\x12\x1b\n\x13world_model_version\x18\x01 \x01(\t\x12\x1c\n\x14reward_model_version\x18\x02 \x01(\t\x12\x16\n\x0e\x63ontext_frames\x18\x03 \x01(\r\x12\x17\n\x0f\x66rames_per_step\x18\x04 \x01(\r\x12\x14\n\x0cimage_height\x18\x05 \x01(\r\x12\x13\n\x0bimage_width\x18\x06 \x01(\r\x12\x16\n\x0eimage_channels\x18\x07 \x01(\r\x12\x12\n\naction_dim\x18\x08 \x01(\r\x12\x17\n\x0f\x64\x65\x66\x61ult_horizon\x18\t \x01(\r\x12\x19\n\x11success_threshold\x18\n \x01(\x02\x12\x15\n\rsampler_steps\x18\x0b \x01(\r2\xbb\x02\n\x0bImagination\x12\x36\n\x05Reset\x12\x15.wmpo.v1.ResetRequest\x1a\x16.wmpo.v1.ResetResponse\x12\x33\n\x04Step\x12\x14.wmpo.v1.StepRequest\x1a\x15.wmpo.v1.StepResponse\x12\x36\n\x05\x41udit\x12\x15.wmpo.v1.AuditRequest\x1a\x16.wmpo.v1.AuditResponse\x12\x36\n\x05\x43lose\x12\x15.wmpo.v1.CloseRequest\x1a\x16.wmpo.v1.CloseResponse\x12O\n\x11GetWorldModelInfo\x12!.wmpo.v1.GetWorldModelInfoRequest\x1a\x17.wmpo.v1.WorldModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,22 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DATASETSTART']._serialized_start=82
   _globals['_DATASETSTART']._serialized_end=130
-  _globals['_RESETREQUEST']._serialized_start=133
-  _globals['_RESETREQUEST']._serialized_end=353
-  _globals['_RESETRESPONSE']._serialized_start=356
-  _globals['_RESETRESPONSE']._serialized_end=520
-  _globals['_STEPREQUEST']._serialized_start=522
-  _globals['_STEPREQUEST']._serialized_end=589
-  _globals['_STEPRESPONSE']._serialized_start=592
-  _globals['_STEPRESPONSE']._serialized_end=798
-  _globals['_CLOSEREQUEST']._serialized_start=800
-  _globals['_CLOSEREQUEST']._serialized_end=834
-  _globals['_CLOSERESPONSE']._serialized_start=836
-  _globals['_CLOSERESPONSE']._serialized_end=868
-  _globals['_GETWORLDMODELINFOREQUEST']._serialized_start=870
-  _globals['_GETWORLDMODELINFOREQUEST']._serialized_end=896
-  _globals['_WORLDMODELINFO']._serialized_start=899
-  _globals['_WORLDMODELINFO']._serialized_end=1185
-  _globals['_IMAGINATION']._serialized_start=1188
-  _globals['_IMAGINATION']._serialized_end=1447
+  _globals['_SIMSTART']._serialized_start=132
+  _globals['_SIMSTART']._serialized_end=170
+  _globals['_RESETREQUEST']._serialized_start=173
+  _globals['_RESETREQUEST']._serialized_end=427
+  _globals['_RESETRESPONSE']._serialized_start=430
+  _globals['_RESETRESPONSE']._serialized_end=594
+  _globals['_STEPREQUEST']._serialized_start=596
+  _globals['_STEPREQUEST']._serialized_end=663
+  _globals['_STEPRESPONSE']._serialized_start=666
+  _globals['_STEPRESPONSE']._serialized_end=872
+  _globals['_CLOSEREQUEST']._serialized_start=874
+  _globals['_CLOSEREQUEST']._serialized_end=908
+  _globals['_CLOSERESPONSE']._serialized_start=910
+  _globals['_CLOSERESPONSE']._serialized_end=942
+  _globals['_AUDITREQUEST']._serialized_start=944
+  _globals['_AUDITREQUEST']._serialized_end=1001
+  _globals['_HORIZONFIDELITY']._serialized_start=1003
+  _globals['_HORIZONFIDELITY']._serialized_end=1103
+  _globals['_AUDITRESPONSE']._serialized_start=1106
+  _globals['_AUDITRESPONSE']._serialized_end=1491
+  _globals['_GETWORLDMODELINFOREQUEST']._serialized_start=1493
+  _globals['_GETWORLDMODELINFOREQUEST']._serialized_end=1519
+  _globals['_WORLDMODELINFO']._serialized_start=1522
+  _globals['_WORLDMODELINFO']._serialized_end=1808
+  _globals['_IMAGINATION']._serialized_start=1811
+  _globals['_IMAGINATION']._serialized_end=2126
 # @@protoc_insertion_point(module_scope)

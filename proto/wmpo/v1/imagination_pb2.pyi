@@ -6,10 +6,16 @@ sessions. A session holds the last K frames and the instruction; each Step sends
 actions and gets F imagined frames back, judged by the reward model. Session state lives in Redis,
 so any replica can serve any Step. (Raw batched tensors are also available from Triton's standard
 KServe-v2 endpoint, models `dream` and `reward`.)
+
+A session that starts from a simulator reset (a task and a seed) can be audited: its executed
+actions are replayed open-loop in the real simulator from the same seed, and the real outcome and
+frames are compared with the imagined ones.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 from wmpo.v1 import common_pb2 as _common_pb2
 from wmpo.v1 import tensor_pb2 as _tensor_pb2
 import builtins as _builtins
@@ -49,11 +55,40 @@ class DatasetStart(_message.Message):
 Global___DatasetStart: _TypeAlias = DatasetStart  # noqa: Y015
 
 @_typing.final
+class SimStart(_message.Message):
+    """A start state of the real simulator: the reset of `task` (a MetaWorld task wmpo knows, e.g.
+    "reach") at `seed`, rendered by the server's camera at the world model's image size; the world
+    model's context repeats that one frame (as at the start of an episode).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    task: _builtins.str
+    seed: _builtins.int
+    """a training seed: below 1,000,000 (the evaluation seeds start there)"""
+    def __init__(
+        self,
+        *,
+        task: _builtins.str = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seed", b"seed", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimStart: _TypeAlias = SimStart  # noqa: Y015
+
+@_typing.final
 class ResetRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     FRAMES_FIELD_NUMBER: _builtins.int
     DATASET_FIELD_NUMBER: _builtins.int
+    SIM_FIELD_NUMBER: _builtins.int
     INSTRUCTION_FIELD_NUMBER: _builtins.int
     HORIZON_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
@@ -76,25 +111,30 @@ class ResetRequest(_message.Message):
 
     @_builtins.property
     def dataset(self) -> Global___DatasetStart: ...
+    @_builtins.property
+    def sim(self) -> Global___SimStart:
+        """A simulator reset; the session can then be audited. An empty instruction means the task's."""
+
     def __init__(
         self,
         *,
         frames: _tensor_pb2.Tensor | None = ...,
         dataset: Global___DatasetStart | None = ...,
+        sim: Global___SimStart | None = ...,
         instruction: _builtins.str = ...,
         horizon: _builtins.int = ...,
         seed: _builtins.int | None = ...,
         success_threshold: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_success_threshold", b"_success_threshold", "dataset", b"dataset", "frames", b"frames", "seed", b"seed", "start", b"start", "success_threshold", b"success_threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_success_threshold", b"_success_threshold", "dataset", b"dataset", "frames", b"frames", "seed", b"seed", "sim", b"sim", "start", b"start", "success_threshold", b"success_threshold"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_success_threshold", b"_success_threshold", "dataset", b"dataset", "frames", b"frames", "horizon", b"horizon", "instruction", b"instruction", "seed", b"seed", "start", b"start", "success_threshold", b"success_threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_success_threshold", b"_success_threshold", "dataset", b"dataset", "frames", b"frames", "horizon", b"horizon", "instruction", b"instruction", "seed", b"seed", "sim", b"sim", "start", b"start", "success_threshold", b"success_threshold"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__success_threshold: _TypeAlias = _typing.Literal["success_threshold"]  # noqa: Y015
     _WhichOneofArgType__success_threshold: _TypeAlias = _typing.Literal["_success_threshold", b"_success_threshold"]  # noqa: Y015
-    _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["frames", "dataset"]  # noqa: Y015
+    _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["frames", "dataset", "sim"]  # noqa: Y015
     _WhichOneofArgType_start: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
@@ -259,6 +299,139 @@ class CloseResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseResponse: _TypeAlias = CloseResponse  # noqa: Y015
+
+@_typing.final
+class AuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    RETURN_FRAMES_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    return_frames: _builtins.bool
+    """Also return the real frames (uint8 [n + 1, H, W, C])."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        return_frames: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["return_frames", b"return_frames", "session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRequest: _TypeAlias = AuditRequest  # noqa: Y015
+
+@_typing.final
+class HorizonFidelity(_message.Message):
+    """World-model fidelity `horizon` actions after the start: imagined vs real frame, and the start
+    frame held still (copy-last-frame) vs the real frame.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HORIZON_FIELD_NUMBER: _builtins.int
+    PSNR_FIELD_NUMBER: _builtins.int
+    SSIM_FIELD_NUMBER: _builtins.int
+    COPY_PSNR_FIELD_NUMBER: _builtins.int
+    COPY_SSIM_FIELD_NUMBER: _builtins.int
+    horizon: _builtins.int
+    psnr: _builtins.float
+    """dB"""
+    ssim: _builtins.float
+    copy_psnr: _builtins.float
+    """dB"""
+    copy_ssim: _builtins.float
+    def __init__(
+        self,
+        *,
+        horizon: _builtins.int = ...,
+        psnr: _builtins.float = ...,
+        ssim: _builtins.float = ...,
+        copy_psnr: _builtins.float = ...,
+        copy_ssim: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["copy_psnr", b"copy_psnr", "copy_ssim", b"copy_ssim", "horizon", b"horizon", "psnr", b"psnr", "ssim", b"ssim"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HorizonFidelity: _TypeAlias = HorizonFidelity  # noqa: Y015
+
+@_typing.final
+class AuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    IMAGINED_SUCCESS_FIELD_NUMBER: _builtins.int
+    REAL_SUCCESS_FIELD_NUMBER: _builtins.int
+    AGREE_FIELD_NUMBER: _builtins.int
+    FIRST_REAL_SUCCESS_FIELD_NUMBER: _builtins.int
+    REAL_STEP_SUCCESS_FIELD_NUMBER: _builtins.int
+    SUCCESS_PROBS_FIELD_NUMBER: _builtins.int
+    FIDELITY_FIELD_NUMBER: _builtins.int
+    REAL_FRAMES_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    actions: _builtins.int
+    """Actions replayed: those executed so far, one per imagined frame."""
+    done: _builtins.bool
+    """Whether the session had ended (success or horizon) when audited."""
+    imagined_success: _builtins.bool
+    """The imagined episode ended in success (false while it has not ended)."""
+    real_success: _builtins.bool
+    """The replayed actions solved the task at some step in the real simulator."""
+    agree: _builtins.bool
+    """imagined_success == real_success."""
+    first_real_success: _builtins.int
+    """Index of the first action after which the real task was solved; unset if never."""
+    @_builtins.property
+    def start(self) -> Global___SimStart: ...
+    @_builtins.property
+    def real_step_success(self) -> _tensor_pb2.Tensor:
+        """bool [n]: the simulator's success flag after each replayed action."""
+
+    @_builtins.property
+    def success_probs(self) -> _tensor_pb2.Tensor:
+        """float32 [n]: the reward model's success probability of each imagined frame."""
+
+    @_builtins.property
+    def fidelity(self) -> _containers.RepeatedCompositeFieldContainer[Global___HorizonFidelity]:
+        """At horizons 1, 8, 16, 32 where the session has reached them."""
+
+    @_builtins.property
+    def real_frames(self) -> _tensor_pb2.Tensor:
+        """uint8 [n + 1, H, W, C]: the reset frame, then the real frame after each action (when asked)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        start: Global___SimStart | None = ...,
+        actions: _builtins.int = ...,
+        done: _builtins.bool = ...,
+        imagined_success: _builtins.bool = ...,
+        real_success: _builtins.bool = ...,
+        agree: _builtins.bool = ...,
+        first_real_success: _builtins.int | None = ...,
+        real_step_success: _tensor_pb2.Tensor | None = ...,
+        success_probs: _tensor_pb2.Tensor | None = ...,
+        fidelity: _abc.Iterable[Global___HorizonFidelity] | None = ...,
+        real_frames: _tensor_pb2.Tensor | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_first_real_success", b"_first_real_success", "first_real_success", b"first_real_success", "real_frames", b"real_frames", "real_step_success", b"real_step_success", "start", b"start", "success_probs", b"success_probs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_first_real_success", b"_first_real_success", "actions", b"actions", "agree", b"agree", "done", b"done", "fidelity", b"fidelity", "first_real_success", b"first_real_success", "imagined_success", b"imagined_success", "real_frames", b"real_frames", "real_step_success", b"real_step_success", "real_success", b"real_success", "session_id", b"session_id", "start", b"start", "success_probs", b"success_probs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__first_real_success: _TypeAlias = _typing.Literal["first_real_success"]  # noqa: Y015
+    _WhichOneofArgType__first_real_success: _TypeAlias = _typing.Literal["_first_real_success", b"_first_real_success"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__first_real_success) -> _WhichOneofReturnType__first_real_success | None: ...
+
+Global___AuditResponse: _TypeAlias = AuditResponse  # noqa: Y015
 
 @_typing.final
 class GetWorldModelInfoRequest(_message.Message):

@@ -44,6 +44,11 @@ class ImaginationStub:
                 request_serializer=wmpo_dot_v1_dot_imagination__pb2.StepRequest.SerializeToString,
                 response_deserializer=wmpo_dot_v1_dot_imagination__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/wmpo.v1.Imagination/Audit',
+                request_serializer=wmpo_dot_v1_dot_imagination__pb2.AuditRequest.SerializeToString,
+                response_deserializer=wmpo_dot_v1_dot_imagination__pb2.AuditResponse.FromString,
+                _registered_method=True)
         self.Close = channel.unary_unary(
                 '/wmpo.v1.Imagination/Close',
                 request_serializer=wmpo_dot_v1_dot_imagination__pb2.CloseRequest.SerializeToString,
@@ -60,14 +65,17 @@ class ImaginationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Reset(self, request, context):
-        """Start a session from given frames or from a start state of the server's dataset.
+        """Start a session from given frames, from a start state of the server's dataset, or from a
+        simulator reset (rendered at the world model's image size; such a session can be audited).
         Errors:
-        INVALID_ARGUMENT   no start given, frames of the wrong dtype/size/count, empty instruction,
-        success_threshold outside (0, 1]
-        NOT_FOUND          the dataset episode or step does not exist
-        RESOURCE_EXHAUSTED too many open sessions (close some, or retry later)
-        UNAVAILABLE        the world model (Triton) or Redis is not reachable
-        UNAUTHENTICATED    missing or invalid bearer token (when the server has tokens)
+        INVALID_ARGUMENT    no start given, frames of the wrong dtype/size/count, empty instruction,
+        success_threshold outside (0, 1], an unknown sim task, a sim seed at or
+        above 1,000,000 (held out for evaluation)
+        NOT_FOUND           the dataset episode or step does not exist
+        FAILED_PRECONDITION a sim start, but the server has no simulator (MetaWorld) installed
+        RESOURCE_EXHAUSTED  too many open sessions (close some, or retry later)
+        UNAVAILABLE         the world model (Triton) or Redis is not reachable
+        UNAUTHENTICATED     missing or invalid bearer token (when the server has tokens)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,6 +88,23 @@ class ImaginationServicer:
         NOT_FOUND           unknown or expired session id
         FAILED_PRECONDITION the session is done (success or horizon reached)
         UNAVAILABLE         the world model (Triton) or Redis is not reachable
+        UNAUTHENTICATED     as for Reset
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Audit(self, request, context):
+        """Replay the actions the session has executed so far (one per imagined frame) open-loop in the
+        real simulator from its start seed, and compare: real vs imagined success, the simulator's
+        success after each action, PSNR/SSIM of imagined vs real frames by horizon (and of
+        copy-last-frame). The session is left as it was (Step and Audit again are allowed). Each call
+        runs a fresh simulator: seconds, not milliseconds.
+        Errors:
+        NOT_FOUND           unknown or expired session id
+        FAILED_PRECONDITION the session did not start from a simulator reset, or the server has no
+        simulator (MetaWorld) installed
+        UNAVAILABLE         Redis is not reachable
         UNAUTHENTICATED     as for Reset
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -113,6 +138,11 @@ def add_ImaginationServicer_to_server(servicer, server):
                     servicer.Step,
                     request_deserializer=wmpo_dot_v1_dot_imagination__pb2.StepRequest.FromString,
                     response_serializer=wmpo_dot_v1_dot_imagination__pb2.StepResponse.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=wmpo_dot_v1_dot_imagination__pb2.AuditRequest.FromString,
+                    response_serializer=wmpo_dot_v1_dot_imagination__pb2.AuditResponse.SerializeToString,
             ),
             'Close': grpc.unary_unary_rpc_method_handler(
                     servicer.Close,
@@ -179,6 +209,33 @@ class Imagination:
             '/wmpo.v1.Imagination/Step',
             wmpo_dot_v1_dot_imagination__pb2.StepRequest.SerializeToString,
             wmpo_dot_v1_dot_imagination__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wmpo.v1.Imagination/Audit',
+            wmpo_dot_v1_dot_imagination__pb2.AuditRequest.SerializeToString,
+            wmpo_dot_v1_dot_imagination__pb2.AuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,6 +6,10 @@ sessions. A session holds the last K frames and the instruction; each Step sends
 actions and gets F imagined frames back, judged by the reward model. Session state lives in Redis,
 so any replica can serve any Step. (Raw batched tensors are also available from Triton's standard
 KServe-v2 endpoint, models `dream` and `reward`.)
+
+A session that starts from a simulator reset (a task and a seed) can be audited: its executed
+actions are replayed open-loop in the real simulator from the same seed, and the real outcome and
+frames are compared with the imagined ones.
 """
 
 from collections import abc as _abc
@@ -37,14 +41,17 @@ class ImaginationStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ImaginationAsyncStub: ...
     Reset: _grpc.UnaryUnaryMultiCallable[_imagination_pb2.ResetRequest, _imagination_pb2.ResetResponse]
-    """Start a session from given frames or from a start state of the server's dataset.
+    """Start a session from given frames, from a start state of the server's dataset, or from a
+    simulator reset (rendered at the world model's image size; such a session can be audited).
     Errors:
-      INVALID_ARGUMENT   no start given, frames of the wrong dtype/size/count, empty instruction,
-                         success_threshold outside (0, 1]
-      NOT_FOUND          the dataset episode or step does not exist
-      RESOURCE_EXHAUSTED too many open sessions (close some, or retry later)
-      UNAVAILABLE        the world model (Triton) or Redis is not reachable
-      UNAUTHENTICATED    missing or invalid bearer token (when the server has tokens)
+      INVALID_ARGUMENT    no start given, frames of the wrong dtype/size/count, empty instruction,
+                          success_threshold outside (0, 1], an unknown sim task, a sim seed at or
+                          above 1,000,000 (held out for evaluation)
+      NOT_FOUND           the dataset episode or step does not exist
+      FAILED_PRECONDITION a sim start, but the server has no simulator (MetaWorld) installed
+      RESOURCE_EXHAUSTED  too many open sessions (close some, or retry later)
+      UNAVAILABLE         the world model (Triton) or Redis is not reachable
+      UNAUTHENTICATED     missing or invalid bearer token (when the server has tokens)
     """
     Step: _grpc.UnaryUnaryMultiCallable[_imagination_pb2.StepRequest, _imagination_pb2.StepResponse]
     """Advance a session by one action chunk.
@@ -53,6 +60,19 @@ class ImaginationStub:
       NOT_FOUND           unknown or expired session id
       FAILED_PRECONDITION the session is done (success or horizon reached)
       UNAVAILABLE         the world model (Triton) or Redis is not reachable
+      UNAUTHENTICATED     as for Reset
+    """
+    Audit: _grpc.UnaryUnaryMultiCallable[_imagination_pb2.AuditRequest, _imagination_pb2.AuditResponse]
+    """Replay the actions the session has executed so far (one per imagined frame) open-loop in the
+    real simulator from its start seed, and compare: real vs imagined success, the simulator's
+    success after each action, PSNR/SSIM of imagined vs real frames by horizon (and of
+    copy-last-frame). The session is left as it was (Step and Audit again are allowed). Each call
+    runs a fresh simulator: seconds, not milliseconds.
+    Errors:
+      NOT_FOUND           unknown or expired session id
+      FAILED_PRECONDITION the session did not start from a simulator reset, or the server has no
+                          simulator (MetaWorld) installed
+      UNAVAILABLE         Redis is not reachable
       UNAUTHENTICATED     as for Reset
     """
     Close: _grpc.UnaryUnaryMultiCallable[_imagination_pb2.CloseRequest, _imagination_pb2.CloseResponse]
@@ -66,14 +86,17 @@ class ImaginationStub:
 class ImaginationAsyncStub(ImaginationStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Reset: _aio.UnaryUnaryMultiCallable[_imagination_pb2.ResetRequest, _imagination_pb2.ResetResponse]  # type: ignore[assignment]
-    """Start a session from given frames or from a start state of the server's dataset.
+    """Start a session from given frames, from a start state of the server's dataset, or from a
+    simulator reset (rendered at the world model's image size; such a session can be audited).
     Errors:
-      INVALID_ARGUMENT   no start given, frames of the wrong dtype/size/count, empty instruction,
-                         success_threshold outside (0, 1]
-      NOT_FOUND          the dataset episode or step does not exist
-      RESOURCE_EXHAUSTED too many open sessions (close some, or retry later)
-      UNAVAILABLE        the world model (Triton) or Redis is not reachable
-      UNAUTHENTICATED    missing or invalid bearer token (when the server has tokens)
+      INVALID_ARGUMENT    no start given, frames of the wrong dtype/size/count, empty instruction,
+                          success_threshold outside (0, 1], an unknown sim task, a sim seed at or
+                          above 1,000,000 (held out for evaluation)
+      NOT_FOUND           the dataset episode or step does not exist
+      FAILED_PRECONDITION a sim start, but the server has no simulator (MetaWorld) installed
+      RESOURCE_EXHAUSTED  too many open sessions (close some, or retry later)
+      UNAVAILABLE         the world model (Triton) or Redis is not reachable
+      UNAUTHENTICATED     missing or invalid bearer token (when the server has tokens)
     """
     Step: _aio.UnaryUnaryMultiCallable[_imagination_pb2.StepRequest, _imagination_pb2.StepResponse]  # type: ignore[assignment]
     """Advance a session by one action chunk.
@@ -82,6 +105,19 @@ class ImaginationAsyncStub(ImaginationStub):
       NOT_FOUND           unknown or expired session id
       FAILED_PRECONDITION the session is done (success or horizon reached)
       UNAVAILABLE         the world model (Triton) or Redis is not reachable
+      UNAUTHENTICATED     as for Reset
+    """
+    Audit: _aio.UnaryUnaryMultiCallable[_imagination_pb2.AuditRequest, _imagination_pb2.AuditResponse]  # type: ignore[assignment]
+    """Replay the actions the session has executed so far (one per imagined frame) open-loop in the
+    real simulator from its start seed, and compare: real vs imagined success, the simulator's
+    success after each action, PSNR/SSIM of imagined vs real frames by horizon (and of
+    copy-last-frame). The session is left as it was (Step and Audit again are allowed). Each call
+    runs a fresh simulator: seconds, not milliseconds.
+    Errors:
+      NOT_FOUND           unknown or expired session id
+      FAILED_PRECONDITION the session did not start from a simulator reset, or the server has no
+                          simulator (MetaWorld) installed
+      UNAVAILABLE         Redis is not reachable
       UNAUTHENTICATED     as for Reset
     """
     Close: _aio.UnaryUnaryMultiCallable[_imagination_pb2.CloseRequest, _imagination_pb2.CloseResponse]  # type: ignore[assignment]
@@ -98,14 +134,17 @@ class ImaginationServicer(metaclass=_abc_1.ABCMeta):
         request: _imagination_pb2.ResetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_imagination_pb2.ResetResponse, _abc.Awaitable[_imagination_pb2.ResetResponse]]:
-        """Start a session from given frames or from a start state of the server's dataset.
+        """Start a session from given frames, from a start state of the server's dataset, or from a
+        simulator reset (rendered at the world model's image size; such a session can be audited).
         Errors:
-          INVALID_ARGUMENT   no start given, frames of the wrong dtype/size/count, empty instruction,
-                             success_threshold outside (0, 1]
-          NOT_FOUND          the dataset episode or step does not exist
-          RESOURCE_EXHAUSTED too many open sessions (close some, or retry later)
-          UNAVAILABLE        the world model (Triton) or Redis is not reachable
-          UNAUTHENTICATED    missing or invalid bearer token (when the server has tokens)
+          INVALID_ARGUMENT    no start given, frames of the wrong dtype/size/count, empty instruction,
+                              success_threshold outside (0, 1], an unknown sim task, a sim seed at or
+                              above 1,000,000 (held out for evaluation)
+          NOT_FOUND           the dataset episode or step does not exist
+          FAILED_PRECONDITION a sim start, but the server has no simulator (MetaWorld) installed
+          RESOURCE_EXHAUSTED  too many open sessions (close some, or retry later)
+          UNAVAILABLE         the world model (Triton) or Redis is not reachable
+          UNAUTHENTICATED     missing or invalid bearer token (when the server has tokens)
         """
 
     @_abc_1.abstractmethod
@@ -120,6 +159,25 @@ class ImaginationServicer(metaclass=_abc_1.ABCMeta):
           NOT_FOUND           unknown or expired session id
           FAILED_PRECONDITION the session is done (success or horizon reached)
           UNAVAILABLE         the world model (Triton) or Redis is not reachable
+          UNAUTHENTICATED     as for Reset
+        """
+
+    @_abc_1.abstractmethod
+    def Audit(
+        self,
+        request: _imagination_pb2.AuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_imagination_pb2.AuditResponse, _abc.Awaitable[_imagination_pb2.AuditResponse]]:
+        """Replay the actions the session has executed so far (one per imagined frame) open-loop in the
+        real simulator from its start seed, and compare: real vs imagined success, the simulator's
+        success after each action, PSNR/SSIM of imagined vs real frames by horizon (and of
+        copy-last-frame). The session is left as it was (Step and Audit again are allowed). Each call
+        runs a fresh simulator: seconds, not milliseconds.
+        Errors:
+          NOT_FOUND           unknown or expired session id
+          FAILED_PRECONDITION the session did not start from a simulator reset, or the server has no
+                              simulator (MetaWorld) installed
+          UNAVAILABLE         Redis is not reachable
           UNAUTHENTICATED     as for Reset
         """
 

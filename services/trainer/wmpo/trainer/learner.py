@@ -4,19 +4,27 @@ Each iteration it picks start states, enqueues a group of G episodes per start s
 policy version), gathers the results from the rollout workers, keeps the groups whose success rate lies in
 [keep_low, keep_high], runs the GRPO update and publishes the new version, then waits until the policy server
 serves it. The run's `environment` says where episodes roll out: ``dream`` — start states from the real
-dataset, imagined by the world model — or ``sim`` — simulator resets at training seeds, real episodes (online
-GRPO); nothing else differs. Every `align_every` iterations (dream only) it re-aligns the world and reward
-models with real rollouts of the current version (`wmpo.trainer.alignment`).
+dataset (or, with `start_states: sim`, simulator resets at training seeds, rendered here), imagined by the world
+model — or ``sim`` — simulator resets at training seeds, real episodes (online GRPO); nothing else differs.
+Every `align_every` iterations (dream only) it re-aligns the world and reward models with real rollouts of the
+current version (`wmpo.trainer.alignment`).
+
+The imagination audit (dream from sim start states, `audit_fraction` > 0): a share of each iteration's episodes,
+chosen from the run seed, is flagged `audit`; the worker replays each one's executed actions in the simulator
+from its reset seed, and the iteration's record gets `wmpo.trainer.audit.summarize` of them (``audit_*``:
+imagined-vs-real success agreement, hallucinated successes, the reward model's precision/recall on the policy's
+own rollouts, PSNR/SSIM by horizon against the real frames and against copy-last-frame).
 
 Real episodes. Every real episode the run consumes is counted once in `RunState.real_episodes` (state.json)
-and per iteration in the metrics (`real_episodes`, `real_episodes_total`): a sim episode when its result is
-committed with its iteration (a result reused after a crash, or produced by a second worker after a reclaim,
-is one result: counted once; an episode lost with a killed worker or dead-lettered gave no data and is not
-counted), an alignment rollout when the alignment starts (reserved before it runs, so a crash never lets it
+and per iteration in the metrics (`real_episodes`, `real_episodes_total`): a sim episode or an audit replay
+when its result is committed with its iteration (a result reused after a crash, or produced by a second worker
+after a reclaim, is one result: counted once; an episode lost with a killed worker or dead-lettered gave no data
+and is not counted), an alignment rollout when the alignment starts (reserved before it runs, so a crash never lets it
 go uncounted). Evaluation on held-out seeds is measurement, not training data: counted apart
 (`eval_episodes`), not against the budget. With `real_episode_budget` the budget is never exceeded: a sim
 iteration that would exceed it runs fewer groups (whole groups of G), and when not one group fits the run
-ends, status finished, with a log line saying so; an alignment is shrunk to what is left, or skipped.
+ends, status finished, with a log line saying so; a dream iteration audits fewer episodes (or none: imagined
+training goes on); an alignment is shrunk to what is left, or skipped.
 
 Crash safety: job ids are ``<run>/it<i>/g<g>/e<e>``, so a restarted learner re-enqueues only unfinished
 episodes and reuses finished results (the queue keeps them until the iteration is committed); a version
@@ -45,12 +53,14 @@ from wmpo.common.logs import get_logger
 from wmpo.common.media import write_gif
 from wmpo.common.metrics import gauge
 from wmpo.common.registry import VersionNotFoundError
+from wmpo.common.tensors import Array
 from wmpo.common.training_state import load_tensors, save_tensors
 from wmpo.data.dataset import TrajectoryDataset
 from wmpo.policy.checkpoint import PolicyBundle, load_policy, save_policy
 from wmpo.robot.client import PolicyClient, PolicyClientError
-from wmpo.sim.env import ACTION_DIM, PROPRIO_DIM
+from wmpo.sim.env import ACTION_DIM, PROPRIO_DIM, MetaWorldEnv
 from wmpo.sim.tasks import get_task
+from wmpo.trainer.audit import AuditRecord, summarize
 from wmpo.trainer.connections import make_queue, open_registry, policy_source, policy_token
 from wmpo.trainer.control.runs import RunStore
 from wmpo.trainer.grpo import GRPOConfig, Samples, UpdateStats, group_advantages, grpo_update, keep_group
@@ -64,6 +74,8 @@ log = get_logger(__name__)
 RUN_GAUGES = (
     "imagined_success_rate",
     "sim_success_rate",
+    "audit_agreement",
+    "audit_hallucinated_success_rate",
     "real_episodes_total",
     "kept_group_fraction",
     "loss",
@@ -140,6 +152,7 @@ class Learner:
         self.policies = open_registry(settings, "policy")
         self.grpo = GRPOConfig.from_run(config)
         self._stop = False
+        self._renderer: MetaWorldEnv | None = None  # renders dream start states from simulator resets
 
     # -- setup -----------------------------------------------------------------------------------------
     def request_stop(self, *_args: Any) -> None:
@@ -188,6 +201,19 @@ class Learner:
                 f"simulator takes {ACTION_DIM}-D actions and gives proprio dim {PROPRIO_DIM}"
             )
         return bundle
+
+    def _reset_frame(self, seed: int, spec: WorldModelSpec) -> Array:
+        """The simulator's reset frame at `seed` (uint8 [H, W, C]), at the world model's image size and the run's
+        camera. The renderer only ever resets (never steps), so each frame equals a fresh environment's: the
+        start frame an audit replay begins from."""
+        if self._renderer is None:
+            self._renderer = MetaWorldEnv(self.task, image_size=spec.image_size, camera=self.config.sim_camera)
+        return self._renderer.reset(seed).image
+
+    def _close_renderer(self) -> None:
+        renderer, self._renderer = self._renderer, None
+        if renderer is not None:
+            renderer.close()
 
     def _groups(self, state: RunState) -> int:
         """Groups the next iteration runs: all of them, or (sim) the whole groups the real-episode budget allows."""
@@ -253,7 +279,8 @@ class Learner:
         starts: list[tuple[str, int]] = []
         spec: WorldModelSpec | None = None
         if self.config.environment == "dream":
-            dataset, starts = self._dataset()
+            if self.config.start_states == "dataset":
+                dataset, starts = self._dataset()
             spec = self._world_model_spec()
         bundle = self._load_policy(state.policy_version)
         if spec is not None and bundle.image_size != spec.image_size:
@@ -282,6 +309,7 @@ class Learner:
         finally:
             writer.close()
             client.close()
+            self._close_renderer()
 
     def _iteration(
         self,
@@ -296,10 +324,11 @@ class Learner:
         it, cfg = state.iteration, self.config
         began = time.monotonic()
         planned_groups = self._groups(state)
-        if dataset is not None and spec is not None:
+        if spec is not None:
             jobs = self._dream_jobs(it, state.policy_version, planned_groups, dataset, starts, spec)
         else:
             jobs = self._sim_jobs(it, state.policy_version, planned_groups)
+        planned_audits = self._flag_audits(it, jobs, state)
         results = self._gather(it, jobs)
         rollout_s = time.monotonic() - began
         groups: dict[int, list[EpisodeResult]] = defaultdict(list)
@@ -328,7 +357,9 @@ class Learner:
             "world_model_version": max((r.world_model_version for r in results), default=0),
             "queue_depth": self.queue.export_metrics().depth,
         }
-        self._save_videos(it, results)
+        if cfg.audit_fraction:
+            record.update(self._audit_metrics(results, planned_audits))
+        self._save_videos(it, results, {job.job_id for job in jobs if job.record_frames})
         update_began = time.monotonic()
         new_version = state.policy_version
         if kept:
@@ -383,12 +414,24 @@ class Learner:
         it: int,
         version: int,
         groups: int,
-        dataset: TrajectoryDataset,
+        dataset: TrajectoryDataset | None,
         starts: list[tuple[str, int]],
         spec: WorldModelSpec,
     ) -> list[EpisodeJob]:
-        """G jobs per group, each group from a start state of the dataset (its last K real frames)."""
+        """G jobs per group, each group from a start state of the dataset (its last K real frames) or, with
+        `start_states: sim`, from the rendered simulator reset of a training seed (one frame: the world model's
+        context repeats it, as at the start of an episode)."""
         cfg = self.config
+        if dataset is None:
+            jobs = []
+            for g, reset_seed in enumerate(self._sim_seeds(it)[:groups]):
+                frame = self._reset_frame(reset_seed, spec)
+                jobs.extend(
+                    self._group_jobs(it, version, g, self.task.instruction, f"sim:{self.task.name}@seed{reset_seed}",
+                                     start_frames=frame[None], task=self.task.name, reset_seed=reset_seed,
+                                     camera=cfg.sim_camera)
+                )  # fmt: skip
+            return jobs
         rng = np.random.default_rng([cfg.seed, it])
         picks = rng.choice(len(starts), size=cfg.groups_per_iteration, replace=cfg.groups_per_iteration > len(starts))
         infos = {info.episode_id: info for info in dataset.episodes}
@@ -402,19 +445,24 @@ class Learner:
             )  # fmt: skip
         return jobs
 
-    def _sim_jobs(self, it: int, version: int, groups: int) -> list[EpisodeJob]:
-        """G jobs per group, each group from the simulator reset of a training seed (distinct within an iteration)."""
+    def _sim_seeds(self, it: int) -> list[int]:
+        """The iteration's training reset seeds, one per planned group (distinct within an iteration when the range
+        allows; the same picks however many groups run)."""
         cfg = self.config
         rng = np.random.default_rng([cfg.seed, it])
         first, end = cfg.sim_seeds
         n = cfg.groups_per_iteration
-        seeds = first + rng.choice(end - first, size=n, replace=n > end - first)  # the same picks however many run
+        return [int(s) for s in first + rng.choice(end - first, size=n, replace=n > end - first)]
+
+    def _sim_jobs(self, it: int, version: int, groups: int) -> list[EpisodeJob]:
+        """G jobs per group, each group from the simulator reset of a training seed (distinct within an iteration)."""
+        cfg = self.config
         jobs = []
-        for g, reset_seed in enumerate(seeds[:groups].tolist()):
+        for g, reset_seed in enumerate(self._sim_seeds(it)[:groups]):
             jobs.extend(
                 self._group_jobs(it, version, g, self.task.instruction, f"sim:{self.task.name}@seed{reset_seed}",
                                  start_frames=NO_FRAMES, environment="sim", task=self.task.name,
-                                 reset_seed=int(reset_seed), camera=cfg.sim_camera)
+                                 reset_seed=reset_seed, camera=cfg.sim_camera)
             )  # fmt: skip
         return jobs
 
@@ -441,6 +489,42 @@ class Learner:
             )
             for e in range(cfg.group_size)
         ]
+
+    def _flag_audits(self, it: int, jobs: list[EpisodeJob], state: RunState) -> int:
+        """Flag `audit_fraction` of the iteration's episodes for an audit (a choice fixed by the run seed and the
+        iteration, so a restarted learner flags the same ones), as many as what is left of the real-episode budget
+        allows; returns how many were flagged."""
+        cfg = self.config
+        if not cfg.audit_fraction or not jobs:
+            return 0
+        wanted = int(np.floor(cfg.audit_fraction * len(jobs) + 0.5))
+        allowed = budget_groups(wanted, 1, cfg.real_episode_budget, state.real_episodes)
+        if allowed < wanted:
+            log.warning("real-episode budget: fewer audits this iteration", iteration=it + 1, audits=allowed,
+                        wanted=wanted, real_episodes=state.real_episodes,
+                        real_episode_budget=cfg.real_episode_budget)  # fmt: skip
+        for i in np.random.default_rng([cfg.seed, it, 2]).permutation(len(jobs))[:allowed].tolist():
+            jobs[i].audit = True
+        return allowed
+
+    def _audit_metrics(self, results: list[EpisodeResult], planned: int) -> dict[str, Any]:
+        """`summarize` of the iteration's audited episodes (``audit_*``), and how many were planned."""
+        records = []
+        for r in results:
+            if not r.audited:
+                continue
+            try:
+                if r.frames is None or r.real_frames is None:
+                    raise ValueError("no imagined or no real frames")
+                records.append(
+                    AuditRecord(imagined_success=r.success, real_success=bool(r.real_success), imagined_frames=r.frames,
+                                real_frames=r.real_frames, success_probs=r.success_probs,
+                                real_step_success=r.real_step_success)
+                )  # fmt: skip
+            except ValueError as exc:
+                log.warning("an audited episode's result is malformed; left out of the audit", job=r.job_id,
+                            error=str(exc))  # fmt: skip
+        return {"audit_planned": planned, **summarize(records, self.config.success_threshold)}
 
     def _gather(self, it: int, jobs: list[EpisodeJob]) -> list[EpisodeResult]:
         ids = [job.job_id for job in jobs]
@@ -579,14 +663,20 @@ class Learner:
             self._check_stop()
             time.sleep(0.2)
 
-    def _save_videos(self, it: int, results: list[EpisodeResult]) -> None:
+    def _save_videos(self, it: int, results: list[EpisodeResult], wanted: set[str]) -> None:
+        """GIFs of the episodes whose jobs asked for frames; an audited one shows imagined | real side by side."""
         videos = self.run_dir / "videos"
         for result in results:
-            if result.frames is not None and len(result.frames):
-                outcome = "success" if result.success else "failure"
-                write_gif(
-                    result.frames, videos / f"it{it + 1:04d}-g{result.group:02d}-e{result.index:02d}-{outcome}.gif"
-                )
+            if result.job_id not in wanted or result.frames is None or not len(result.frames):
+                continue
+            name = (
+                f"it{it + 1:04d}-g{result.group:02d}-e{result.index:02d}-{'success' if result.success else 'failure'}"
+            )
+            frames = result.frames
+            if result.real_frames is not None and result.real_frames.shape == frames.shape:
+                frames = np.concatenate([frames, result.real_frames], axis=2)
+                name += f"-real-{'success' if result.real_success else 'failure'}"
+            write_gif(frames, videos / f"{name}.gif")
 
     def _align(self, state: RunState, spec: WorldModelSpec) -> dict[str, Any]:
         """Align with `align_rollouts` real rollouts, or what is left of the real-episode budget (none: skip)."""

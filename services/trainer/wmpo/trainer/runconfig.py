@@ -9,8 +9,13 @@ judges success; start states come from the dataset) or ``sim`` (the real simulat
 start states are simulator resets at training seeds `sim_seeds`, below `EVAL_SEED_OFFSET`). ``sim`` is
 online GRPO, the paper's baseline, through the same queue, workers, policy server and update.
 
-Real episodes — `sim` rollouts and alignment rollouts — count against `real_episode_budget`; evaluation on
-held-out seeds is measurement, counted apart (`eval_episodes`), not against the budget.
+A dream run's groups can also start from simulator resets (`start_states: sim`: the reset frame at a training
+seed, rendered by `sim_camera` at the world model's image size); then `audit_fraction` of its episodes are audited:
+their actions are replayed open-loop in the simulator from the same seed, and each iteration reports how far
+imagination agrees with what really happens (`wmpo.trainer.audit`).
+
+Real episodes — `sim` rollouts, audit replays and alignment rollouts — count against `real_episode_budget`;
+evaluation on held-out seeds is measurement, counted apart (`eval_episodes`), not against the budget.
 """
 
 from __future__ import annotations
@@ -36,13 +41,27 @@ class RunConfig(ServiceSettings):
         default="dream", description="Where episodes roll out: dream (world + reward model) or sim (the simulator)."
     )
     real_episode_budget: int | None = Field(
-        default=None, ge=0, description="Most real episodes (sim rollouts + alignment rollouts) the run may use."
+        default=None, ge=0, description="Most real episodes (sim rollouts, audits, alignment) the run may use."
     )
     sim_seeds: tuple[int, int] = Field(
         default=(0, EVAL_SEED_OFFSET // 2),
-        description="sim: [first, end) of the training reset seeds groups start from.",
+        description="sim, and dream from sim start states: [first, end) of the training reset seeds groups start from.",
     )
-    sim_camera: str = Field(default="corner", description="MetaWorld camera of sim episodes and evaluation.")
+    sim_camera: str = Field(
+        default="corner", description="MetaWorld camera of sim episodes, sim start states, audits and evaluation."
+    )
+    # -- dream start states and the imagination audit
+    start_states: Literal["dataset", "sim"] = Field(
+        default="dataset",
+        description="dream: groups start from dataset start states, or from simulator resets at sim_seeds.",
+    )
+    audit_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="dream from sim start states: share of each iteration's episodes replayed in the simulator "
+        "(real episodes, counted against real_episode_budget).",
+    )
     dataset: Path = Field(
         default=Path("wmpo-data/data"), description="Real trajectories: dream start states come from here."
     )
@@ -94,4 +113,9 @@ class RunConfig(ServiceSettings):
             )
         if self.environment == "sim" and self.align_every:
             raise ValueError("align_every: alignment fine-tunes the world model, which a sim run does not use")
+        if self.audit_fraction and (self.environment != "dream" or self.start_states != "sim"):
+            raise ValueError(
+                "audit_fraction: only imagined episodes that start from a simulator reset can be replayed in the "
+                "simulator; set environment: dream and start_states: sim"
+            )
         return self

@@ -1,5 +1,8 @@
 """The control plane's HTML dashboard: a script-free page of runs and versions (``/``) and one page per run
-(``/runs/{id}/view``) with an SVG plot per numeric metric and its newest imagined-rollout GIFs.
+(``/runs/{id}/view``) with an SVG plot per numeric metric and its newest imagined-rollout GIFs. A run with
+an imagination audit (``audit_*`` metrics, `wmpo.trainer.audit`) gets its own section of plots, several lines
+each: imagined-vs-real success agreement, hallucinated successes, the reward model on the policy's own
+rollouts, and world-model PSNR against the real frames next to copy-last-frame at each horizon.
 
 Pages refresh themselves every 10 s while a run shown is active.
 """
@@ -16,7 +19,7 @@ from fastapi.responses import HTMLResponse
 
 from wmpo.common.registry import Registry
 from wmpo.trainer.control.deps import Control
-from wmpo.trainer.control.plots import svg_plot
+from wmpo.trainer.control.plots import svg_lines, svg_plot
 from wmpo.trainer.control.runs import ACTIVE, RunRecord
 
 PREFERRED_PLOTS = (
@@ -26,6 +29,18 @@ PREFERRED_PLOTS = (
 MAX_PLOTS = 16
 MAX_VIDEOS = 24
 NOT_PLOTTED = frozenset({"iteration", "time", "timestamp", "wall_time", "policy_version", "new_policy_version"})
+AUDIT_PREFIX = "audit_"
+AUDIT_PLOTS = (
+    ("imagined vs real success", {"accuracy": "audit_agreement", "precision": "audit_precision",
+                                  "recall": "audit_recall"}),
+    ("hallucinated successes", {"hallucinated rate": "audit_hallucinated_success_rate",
+                                "imagined success": "audit_imagined_success_rate",
+                                "real success": "audit_real_success_rate"}),
+    ("reward model on the policy's rollouts", {"precision": "audit_reward_precision",
+                                               "recall": "audit_reward_recall", "AUROC": "audit_reward_auroc"}),
+)  # fmt: skip
+"""The audit section's plots: title -> {line label: metric}; then one PSNR plot per horizon (world model vs
+copy-last-frame)."""
 
 router = APIRouter(tags=["dashboard"])
 
@@ -107,8 +122,11 @@ def render_run(record: RunRecord, history: Sequence[dict[str, Any]], videos: Seq
     """One run's page: its status, an SVG plot per numeric metric, and its newest GIFs."""
     rid = html.escape(record.run_id)
     series = numeric_series(history)
+    audit = {n: xy for n, xy in series.items() if n.startswith(AUDIT_PREFIX)}
+    series = {n: xy for n, xy in series.items() if not n.startswith(AUDIT_PREFIX)}
     names = [n for n in PREFERRED_PLOTS if n in series] + sorted(n for n in series if n not in PREFERRED_PLOTS)
     plots = "".join(svg_plot(*series[name], title=name) for name in names[:MAX_PLOTS])
+    audit_plots = audit_section(audit)
     shown = sorted(videos, reverse=True)[:MAX_VIDEOS]
     gifs = "".join(
         f'<figure><img src="/runs/{rid}/videos/{html.escape(v)}" alt="{html.escape(v)}" loading="lazy" width="192">'
@@ -124,10 +142,26 @@ def render_run(record: RunRecord, history: Sequence[dict[str, Any]], videos: Seq
         f'<p><a href="/runs/{rid}">status (JSON)</a> · <a href="/runs/{rid}/metrics">metrics (JSON)</a>'
         f' · <a href="/runs/{rid}/log">train.log</a></p>'
         f"<h2>Metrics</h2><div class=plots>{plots or '<p>No metrics yet.</p>'}</div>"
-        f"<h2>Imagined rollouts ({len(videos)} GIFs, newest {len(shown)} shown)</h2>"
+        + (f"<h2>Imagination audit</h2><div class=plots>{audit_plots}</div>" if audit_plots else "")
+        + f"<h2>Imagined rollouts ({len(videos)} GIFs, newest {len(shown)} shown)</h2>"
         f"<div class=videos>{gifs or '<p>No videos yet.</p>'}</div>"
     )
     return _page(f"WMPO run {record.run_id}", body, refresh=record.status in ACTIVE)
+
+
+def audit_section(series: dict[str, tuple[list[float], list[float]]]) -> str:
+    """The audit's plots from its ``audit_*`` series ('' when the run has none)."""
+    plots = []
+    for title, lines in AUDIT_PLOTS:
+        shown = {label: series[name] for label, name in lines.items() if name in series}
+        if shown:
+            plots.append(svg_lines(shown, title, x_label="iteration"))
+    horizons = sorted(int(n.rsplit("_h", 1)[1]) for n in series if n.startswith("audit_psnr_h"))
+    for h in horizons:
+        shown = {label: series[name] for label, name in (("world model", f"audit_psnr_h{h}"),
+                 ("copy last frame", f"audit_copy_psnr_h{h}")) if name in series}  # fmt: skip
+        plots.append(svg_lines(shown, f"PSNR (dB) {h} steps ahead", x_label="iteration"))
+    return "".join(plots)
 
 
 def numeric_series(history: Sequence[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:

@@ -3,7 +3,14 @@
 A job's `environment` says where it rolls out: ``dream`` (from real start frames, imagined by the world model)
 or ``sim`` (from the simulator reset of `reset_seed`, a real episode). Results carry, per chunk, what the
 policy saw (the frame and the proprio it was sent; proprio [n_chunks, 0] when it was sent none) and the
-tokens and log-probs it answered; `real` marks an episode of the real simulator.
+tokens and log-probs it answered; `real` marks an episode that used the real simulator.
+
+An `audit` dream job starts from the rendered simulator reset of `reset_seed`; after imagining it the worker
+replays its executed actions open-loop in the simulator from that seed (`wmpo.sim.replay`), and the result
+carries both sides: the imagined frames (`frames`) and the real ones (`real_frames`), the reward model's
+per-frame probabilities and the simulator's per-step success (`real_step_success`), and `real_success`. That is
+two frame sequences of at most horizon + 1 frames: an audited result is the largest message, bounded by the
+horizon.
 
 A message is a small self-describing binary: a 4-byte little-endian header length, a JSON header (plain
 fields plus, for each array, its dtype, shape and byte offset) and the raw little-endian array bytes. No
@@ -14,7 +21,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -86,9 +93,10 @@ class EpisodeJob:
     record_frames: bool = False  # return every frame (for videos)
     source: str = ""  # where the start state came from, e.g. "episode-000012@16" or "sim:reach@seed42"
     environment: str = "dream"  # "dream" or "sim"
-    task: str = ""  # sim: the task whose simulator runs the episode
-    reset_seed: int | None = None  # sim: the start state is `MetaWorldEnv(task).reset(reset_seed)`
-    camera: str = "corner"  # sim: the MetaWorld camera rendered (at the policy's image size)
+    task: str = ""  # sim, or dream from a sim start state: the task of the simulator
+    reset_seed: int | None = None  # sim, or dream from a sim start: the start state is `MetaWorldEnv(task).reset(seed)`
+    camera: str = "corner"  # the MetaWorld camera rendered (sim: at the policy's image size; audit: the world model's)
+    audit: bool = False  # dream from a sim start: replay the executed actions in the simulator afterwards
 
     def to_bytes(self) -> bytes:
         fields = {k: v for k, v in asdict(self).items() if k != "start_frames"}
@@ -124,7 +132,11 @@ class EpisodeResult:
     seconds: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     proprio: Array = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # float32 [n_chunks, P], P may be 0
-    real: bool = False  # an episode of the real simulator (counts against a run's real-episode budget)
+    real: bool = False  # the real simulator ran (a sim episode, or an audit replay): counts against the budget
+    # audited dream episodes only (`frames` then holds the imagined frames):
+    real_success: bool | None = None  # the replayed actions solved the task at some step (None: not audited)
+    real_step_success: Array = field(default_factory=lambda: np.zeros(0, bool))  # bool [length]: after each action
+    real_frames: Array | None = None  # uint8 [length + 1, H, W, C]: the reset frame, then one per replayed action
 
     def __post_init__(self) -> None:
         if self.proprio.size == 0 and len(self.proprio) != len(self.observations):
@@ -134,6 +146,11 @@ class EpisodeResult:
     def reward(self) -> float:
         return 1.0 if self.success else 0.0
 
+    @property
+    def audited(self) -> bool:
+        """Whether the episode's actions were replayed in the real simulator."""
+        return self.real_success is not None
+
     def to_bytes(self) -> bytes:
         arrays: dict[str, Array] = {
             "observations": np.asarray(self.observations, np.uint8),
@@ -141,11 +158,14 @@ class EpisodeResult:
             "logprobs": np.asarray(self.logprobs, np.float32),
             "success_probs": np.asarray(self.success_probs, np.float32),
             "proprio": np.asarray(self.proprio, np.float32),
+            "real_step_success": np.asarray(self.real_step_success, bool),
         }
-        if self.frames is not None:
-            arrays["frames"] = np.asarray(self.frames, np.uint8)
-        fields = {k: v for k, v in asdict(self).items() if k not in arrays and k != "frames"}
-        return pack(fields, arrays)
+        for name in ("frames", "real_frames"):
+            value = getattr(self, name)
+            if value is not None:
+                arrays[name] = np.asarray(value, np.uint8)
+        plain = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("frames", "real_frames")}
+        return pack({k: v for k, v in plain.items() if k not in arrays}, arrays)
 
     @classmethod
     def from_bytes(cls, message: bytes) -> EpisodeResult:

@@ -6,7 +6,10 @@ from `dream`, success from `reward` on Triton) — or ``sim`` — policy ↔ the
 the real proprio, success from the simulator). The world model is only needed for dream jobs: a worker
 with no Triton runs sim jobs. One worker process runs up to `concurrency` episodes at once on one asyncio
 loop, so its concurrent `Act` calls are micro-batched by the policy server and its `dream`/`reward` calls
-by Triton's dynamic batcher; simulators step on their own threads (`rollout/simulators.py`).
+by Triton's dynamic batcher; simulators step on their own threads (`rollout/simulators.py`). An ``audit``
+dream job (one that starts from a simulator reset) is imagined as any other, then its executed actions — one
+per imagined frame, so a chunk cut by success or the horizon contributes only its kept actions — are replayed
+open-loop in a fresh simulator from its reset seed, and the real outcome travels back with the imagined one.
 Each episode pins the policy version its job names. Held jobs get a heartbeat (so a live, slow episode is
 never reclaimed); a worker that dies stops heart-beating and its jobs are reclaimed by others after the
 visibility timeout. A failing episode is reported to the queue (retried, then dead-lettered with the error).
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,10 +104,17 @@ async def imagine_episode(
     reward: AsyncRewardClient,
     spec: WorldModelSpec,
     camera: str,
+    simulators: SimulatorPool | None = None,
 ) -> EpisodeResult:
-    """Alternate policy chunks and dreamed frames until the reward model says success or the horizon ends."""
+    """Alternate policy chunks and dreamed frames until the reward model says success or the horizon ends; an audit
+    job then replays its executed actions in the simulator (on `simulators`' replay threads)."""
     if job.horizon <= 0:
         raise EpisodeError(f"job {job.job_id}: horizon must be positive, got {job.horizon}")
+    if job.audit and (simulators is None or not job.task or job.reset_seed is None):
+        raise EpisodeError(
+            f"job {job.job_id}: an audited episode needs a task and a reset seed (its start state) and a worker "
+            "with simulators"
+        )
     frames_in = np.asarray(job.start_frames, np.uint8)
     if frames_in.ndim != 4 or frames_in.shape[1:] != (spec.image_size, spec.image_size, spec.channels):
         raise EpisodeError(
@@ -112,9 +123,10 @@ async def imagine_episode(
         )
     began = time.monotonic()
     context, history = start_buffers(frames_in, spec.context_frames, spec.clip_len)
-    observations, tokens, logprobs, probs, kept = [], [], [], [], []
+    observations, tokens, logprobs, probs, kept, executed = [], [], [], [], [], []
     elapsed, chunk_index, success, wm_version = 0, 0, False, 0
     policy_s = dream_s = 0.0
+    keep_frames = job.record_frames or job.audit
     while True:
         t0 = time.monotonic()
         actions, toks, logps = await policy_chunk(policy, context[-1], camera, job, chunk_index)
@@ -133,7 +145,8 @@ async def imagine_episode(
         tokens.append(toks)
         logprobs.append(logps)
         probs.append(outcome.probs)
-        if job.record_frames:
+        executed.append(actions[: len(outcome.frames)])  # the actions whose frames were kept
+        if keep_frames:
             kept.append(outcome.frames)
         elapsed += len(outcome.frames)
         chunk_index += 1
@@ -141,7 +154,7 @@ async def imagine_episode(
         if outcome.done:
             success = outcome.success
             break
-    return EpisodeResult(
+    result = EpisodeResult(
         job_id=job.job_id,
         group=job.group,
         index=job.index,
@@ -153,10 +166,20 @@ async def imagine_episode(
         tokens=np.stack(tokens).astype(np.int32),
         logprobs=np.stack(logprobs).astype(np.float32),
         success_probs=np.concatenate(probs).astype(np.float32),
-        frames=np.concatenate([frames_in[-1:], *kept]) if job.record_frames else None,
-        seconds=time.monotonic() - began,
+        frames=np.concatenate([frames_in[-1:], *kept]) if keep_frames else None,
         timings={"policy_s": policy_s, "dream_s": dream_s},
     )
+    if job.audit:
+        assert simulators is not None and job.reset_seed is not None  # checked above
+        t0 = time.monotonic()
+        replay = await simulators.replay(
+            job.task, job.reset_seed, np.concatenate(executed), spec.image_size, job.camera
+        )
+        result.timings["replay_s"] = time.monotonic() - t0
+        result.real, result.real_success = True, replay.solved
+        result.real_step_success, result.real_frames = replay.success, replay.frames
+    result.seconds = time.monotonic() - began
+    return result
 
 
 @dataclass
@@ -273,7 +296,7 @@ class RolloutWorker:
         self.name, self.concurrency, self.episode_timeout_s = name, concurrency, episode_timeout_s
         self.held: dict[str, Job] = {}
         self.stats = WorkerStats()
-        self.simulators = SimulatorPool()
+        self.simulators = SimulatorPool(replay_threads=max(1, min(concurrency, os.cpu_count() or 1)))
         self._spec: WorldModelSpec | None = None
 
     async def _policy_view(self, version: int) -> tuple[str, int, int]:
@@ -312,7 +335,7 @@ class RolloutWorker:
             )
         spec = await self.spec()
         assert self.world_model is not None and self.reward is not None  # spec() checked
-        return await imagine_episode(job, self.policy, self.world_model, self.reward, spec, camera)
+        return await imagine_episode(job, self.policy, self.world_model, self.reward, spec, camera, self.simulators)
 
     async def _run_job(self, job: Job) -> None:
         self.held[job.entry_id] = job
