@@ -9,6 +9,7 @@ gripper) in [-1, 1]. The seed fixes the start state: object and goal positions a
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from types import TracebackType
@@ -48,6 +49,10 @@ class StepResult:
     done: bool  # the step limit is reached
 
 
+_CONSTRUCTION = threading.Lock()
+"""Held while a `MetaWorldEnv` is built: threads of one process building at once corrupt each other's tasks."""
+
+
 class MetaWorldEnv:
     """One MetaWorld task with offscreen rendering. Not thread-safe; one per process or thread."""
 
@@ -72,12 +77,13 @@ class MetaWorldEnv:
         import metaworld
         from metaworld.policies import ENV_POLICY_MAP
 
-        benchmark = metaworld.MT1(self.spec.env_name, seed=0)  # type: ignore[no-untyped-call]
-        env_cls = benchmark.train_classes[self.spec.env_name]
-        self._env: Any = env_cls(
-            render_mode="rgb_array" if render else None, width=image_size, height=image_size, camera_name=camera
-        )
-        self._env.set_task(benchmark.train_tasks[0])
+        with _CONSTRUCTION:  # MetaWorld builds tasks with NumPy's global random state: one build at a time
+            benchmark = metaworld.MT1(self.spec.env_name, seed=0)  # type: ignore[no-untyped-call]
+            env_cls = benchmark.train_classes[self.spec.env_name]
+            self._env: Any = env_cls(
+                render_mode="rgb_array" if render else None, width=image_size, height=image_size, camera_name=camera
+            )
+            self._env.set_task(benchmark.train_tasks[0])
         # Draw object/goal positions from the reset seed instead of the 50 fixed MT1 variations
         # (MetaWorld ignores reset(seed=...): it needs seed() and seeded_rand_vec).
         self._env._freeze_rand_vec = False

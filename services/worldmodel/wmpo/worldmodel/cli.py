@@ -172,6 +172,7 @@ def imagination(
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     server.stop()
+    servicer.close()
 
 
 @app.command()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,15 +30,13 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 SimKey = tuple[str, int, str]  # (task, image size, camera)
-_BUILDING = threading.Lock()
 
 
 def build_env(task: str, image_size: int, camera: str) -> MetaWorldEnv:
-    """A new `MetaWorldEnv`, built while no other thread of this process builds one through here."""
+    """A new `MetaWorldEnv` (it serialises its own construction across threads)."""
     from wmpo.sim.env import MetaWorldEnv  # MuJoCo and MetaWorld: only for workers that run sim jobs or audits
 
-    with _BUILDING:
-        return MetaWorldEnv(task, image_size=image_size, camera=camera)
+    return MetaWorldEnv(task, image_size=image_size, camera=camera)
 
 
 def replay_fresh(task: str, seed: int, actions: Array, image_size: int, camera: str) -> Replay:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -63,14 +62,10 @@ class SimulatorUnavailableError(RuntimeError):
     """The simulator (MetaWorld, MuJoCo, an offscreen renderer) cannot run on this server."""
 
 
-_BUILDING = threading.Lock()  # MetaWorld builds with NumPy's global random state: one environment at a time
-
-
 def _build_env(task: str, image_size: int, camera: str) -> MetaWorldEnv:
     from wmpo.sim.env import MetaWorldEnv
 
-    with _BUILDING:
-        return MetaWorldEnv(task, image_size=image_size, camera=camera)
+    return MetaWorldEnv(task, image_size=image_size, camera=camera)
 
 
 def _simulator_call(fn: Callable[[], T]) -> T:
